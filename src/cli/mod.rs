@@ -1,0 +1,117 @@
+//! The `buildbus` command line: argument parsing, logging set-up and one module per
+//! subcommand. `anyhow` is used here and nowhere else in the library.
+
+mod translate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, FieldValues};
+use crate::evt::Context;
+
+const ABOUT: &str = "buildbus: build events from BitBake and Bazel, as normalized messages on RabbitMQ";
+
+#[derive(Debug, Parser)]
+#[command(name = "buildbus", version, about = ABOUT, long_about = None)]
+pub struct Cli {
+    /// Configuration file (default: the built-in config/buildbus.toml).
+    #[arg(long, global = true, env = "BUILDBUS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Translate(translate::TranslateArgs),
+}
+
+/// The Pulse fields as flags (and `BUILDBUS_*` variables): they win over the config.
+#[derive(Debug, Clone, Args, Default)]
+pub struct FieldArgs {
+    /// Tree (repository) of every message, instead of deriving it.
+    #[arg(long, env = "BUILDBUS_TREE", value_name = "TREE")]
+    pub tree: Option<String>,
+    /// Platform of every message, instead of deriving it.
+    #[arg(long, env = "BUILDBUS_PLATFORM", value_name = "PLATFORM")]
+    pub platform: Option<String>,
+    /// Build type of every message, instead of deriving it.
+    #[arg(long, env = "BUILDBUS_BUILDTYPE", value_name = "TYPE")]
+    pub buildtype: Option<String>,
+    /// Product of every message, instead of deriving it.
+    #[arg(long, env = "BUILDBUS_PRODUCT", value_name = "PRODUCT")]
+    pub product: Option<String>,
+    /// Revision of every message, instead of deriving it.
+    #[arg(long, env = "BUILDBUS_REVISION", value_name = "REV")]
+    pub revision: Option<String>,
+    /// Branch of every message, instead of deriving it.
+    #[arg(long, env = "BUILDBUS_BRANCH", value_name = "BRANCH")]
+    pub branch: Option<String>,
+    /// A tag added to every message (repeatable; BUILDBUS_TAGS takes a comma list).
+    #[arg(long = "tag", env = "BUILDBUS_TAGS", value_delimiter = ',', value_name = "TAG")]
+    pub tags: Vec<String>,
+}
+
+impl FieldArgs {
+    pub fn values(&self) -> FieldValues {
+        FieldValues {
+            tree: self.tree.clone(),
+            platform: self.platform.clone(),
+            buildtype: self.buildtype.clone(),
+            product: self.product.clone(),
+            revision: self.revision.clone(),
+            branch: self.branch.clone(),
+            tags: self.tags.clone(),
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "buildbus=debug,info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Loads the configuration and resolves the translation context.
+pub(crate) fn context(config: Option<&std::path::Path>, fields: &FieldArgs) -> anyhow::Result<(Config, Context)> {
+    let cfg = Config::load(config)?;
+    let ctx = Context::new(&cfg, &fields.values());
+    Ok((cfg, ctx))
+}
+
+/// Runs the command line; the exit code says how it went.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let result = match &cli.command {
+        Command::Translate(a) => translate::run(&cli, a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("buildbus: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

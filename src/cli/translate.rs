@@ -1,0 +1,104 @@
+//! `buildbus translate`: files in, normalized envelopes (or summaries) out.
+
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::{Cli, FieldArgs};
+use crate::evt::{translate_file, Format};
+use crate::report::Summaries;
+
+const EXAMPLES: &str = "\
+Examples:
+  # Envelopes as JSON lines, one per message
+  buildbus translate build_events.json
+  # A binary BEP file, with a fixed tree and an extra tag
+  buildbus translate --format bep-binary --tree acme --tag nightly build_events.bin
+  # A readable summary per build
+  buildbus translate --summary tests/fixtures/bazel/*.json
+
+Exit status: 0 when every input was read (even if the build it describes failed),
+1 when an input had errors (everything readable is still translated), 2 on usage errors.";
+
+/// Translate build-event files into normalized messages (JSON lines on stdout).
+#[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
+pub struct TranslateArgs {
+    /// Input format: auto, bep-json, bep-binary.
+    #[arg(long, default_value = "auto", value_parser = parse_format)]
+    pub format: FormatArg,
+
+    /// Print a human summary per build instead of the messages.
+    #[arg(long)]
+    pub summary: bool,
+
+    #[command(flatten)]
+    pub fields: FieldArgs,
+
+    /// Build-event files.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FormatArg(pub Option<Format>);
+
+fn parse_format(s: &str) -> Result<FormatArg, String> {
+    Format::parse(s).map(FormatArg)
+}
+
+pub fn run(cli: &Cli, a: &TranslateArgs) -> anyhow::Result<ExitCode> {
+    let (_, ctx) = super::context(cli.config.as_deref(), &a.fields)?;
+    let ctx = Arc::new(ctx);
+    let stdout = std::io::stdout();
+    let mut w = BufWriter::new(stdout.lock());
+    let mut summaries = Summaries::default();
+    let mut write_err: Option<std::io::Error> = None;
+    let mut failed = false;
+    for path in &a.files {
+        let report = translate_file(path, a.format.0, &ctx, &mut |env| {
+            if a.summary {
+                summaries.add(&env);
+            } else if write_err.is_none() {
+                let r = w.write_all(&env.to_json()).and_then(|_| w.write_all(b"\n"));
+                if let Err(e) = r {
+                    write_err = Some(e);
+                }
+            }
+        });
+        for e in &report.errors {
+            eprintln!("buildbus: error: {e}");
+        }
+        if report.unknown > 0 {
+            tracing::warn!(
+                "{}: skipped {} events of kinds this buildbus does not know",
+                report.origin,
+                report.unknown
+            );
+        }
+        tracing::info!(
+            origin = %report.origin,
+            events = report.events,
+            messages = report.messages,
+            "translated"
+        );
+        failed |= !report.clean();
+    }
+    if let Some(e) = write_err {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Ok(ExitCode::SUCCESS);
+        }
+        return Err(e).context("writing to stdout");
+    }
+    if a.summary {
+        for s in summaries.builds() {
+            writeln!(w, "{}", s.render())?;
+        }
+    }
+    w.flush().context("writing to stdout")?;
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}

@@ -1,0 +1,245 @@
+//! Configuration: `config/buildbus.toml` (compiled in as the default), an optional file
+//! given with `--config`, and the overrides that flags and `BUILDBUS_*` variables apply.
+//!
+//! The file says where the Pulse fields (tree, platform, buildtype, product, revision,
+//! branch, tags) come from for each build system, which values are secrets, and the
+//! limits on input. Unknown keys are an error, so a typo never silently does nothing.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The built-in default configuration (the example file in `config/`).
+pub const DEFAULT_TOML: &str = include_str!("../config/buildbus.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config {path}: [redaction] pattern {pattern:?}: {message}")]
+    Pattern {
+        path: String,
+        pattern: String,
+        message: String,
+    },
+}
+
+/// Fixed Pulse values (from `[fields]`, env or flags). `None` means "derive it".
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FieldValues {
+    pub tree: Option<String>,
+    pub platform: Option<String>,
+    pub buildtype: Option<String>,
+    pub product: Option<String>,
+    pub revision: Option<String>,
+    pub branch: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+impl FieldValues {
+    /// `other`'s values win where set; tags are added.
+    pub fn overlay(&mut self, other: &FieldValues) {
+        let pick = |mine: &mut Option<String>, theirs: &Option<String>| {
+            if let Some(v) = theirs {
+                *mine = Some(v.clone());
+            }
+        };
+        pick(&mut self.tree, &other.tree);
+        pick(&mut self.platform, &other.platform);
+        pick(&mut self.buildtype, &other.buildtype);
+        pick(&mut self.product, &other.product);
+        pick(&mut self.revision, &other.revision);
+        pick(&mut self.branch, &other.branch);
+        for t in &other.tags {
+            if !self.tags.contains(t) {
+                self.tags.push(t.clone());
+            }
+        }
+    }
+}
+
+/// Ordered rules per Pulse field (see the comments in `config/buildbus.toml`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeriveRules {
+    #[serde(default)]
+    pub tree: Vec<String>,
+    #[serde(default)]
+    pub platform: Vec<String>,
+    #[serde(default)]
+    pub buildtype: Vec<String>,
+    #[serde(default)]
+    pub product: Vec<String>,
+    #[serde(default)]
+    pub revision: Vec<String>,
+    #[serde(default)]
+    pub branch: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SystemConfig {
+    #[serde(default)]
+    pub derive: DeriveRules,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RedactionConfig {
+    #[serde(default)]
+    pub options: Vec<String>,
+    #[serde(default)]
+    pub key_patterns: Vec<String>,
+    #[serde(default)]
+    pub value_patterns: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: u64,
+}
+
+fn default_max_event_bytes() -> u64 {
+    64 << 20
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_event_bytes: default_max_event_bytes(),
+        }
+    }
+}
+
+/// Where the bus is.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    #[serde(default = "default_url")]
+    pub url: String,
+    #[serde(default = "default_prefix")]
+    pub exchange_prefix: String,
+}
+
+fn default_url() -> String {
+    "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()
+}
+
+fn default_prefix() -> String {
+    crate::model::DEFAULT_EXCHANGE_PREFIX.to_string()
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            url: default_url(),
+            exchange_prefix: default_prefix(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub fields: FieldValues,
+    #[serde(default)]
+    pub bazel: SystemConfig,
+    #[serde(default)]
+    pub bitbake: SystemConfig,
+    #[serde(default)]
+    pub redaction: RedactionConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub bus: BusConfig,
+}
+
+impl Config {
+    /// The built-in defaults.
+    pub fn builtin() -> Config {
+        // The compiled-in file is tested to parse; fall back to empty rules otherwise.
+        Config::parse(DEFAULT_TOML, "<built-in>").unwrap_or_default()
+    }
+
+    pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+        // Validate patterns now, so a bad one is reported with the file it came from.
+        crate::evt::redact::Redactor::new(&cfg.redaction).map_err(|(pattern, message)| {
+            ConfigError::Pattern {
+                path: path.to_string(),
+                pattern,
+                message,
+            }
+        })?;
+        Ok(cfg)
+    }
+
+    /// Reads `path`, or returns the built-in defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            None => Ok(Config::builtin()),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                Config::parse(&text, &p.display().to_string())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_parses_with_rules() {
+        let c = Config::parse(DEFAULT_TOML, "builtin").unwrap();
+        assert_eq!(c.bazel.derive.revision[0], "status:BUILD_SCM_REVISION");
+        assert!(c.redaction.options.contains(&"client_env".to_string()));
+        assert_eq!(c.limits.max_event_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn typos_and_bad_patterns_are_errors() {
+        let e = Config::parse("[fields]\ntre = \"x\"\n", "f.toml").unwrap_err();
+        assert!(e.to_string().contains("f.toml"), "{e}");
+        let e = Config::parse("[redaction]\nkey_patterns = [\"(\"]\n", "g.toml").unwrap_err();
+        assert!(e.to_string().contains("g.toml") && e.to_string().contains("\"(\""), "{e}");
+    }
+
+    #[test]
+    fn overlay_prefers_the_other_side() {
+        let mut a = FieldValues {
+            tree: Some("a".into()),
+            tags: vec!["x".into()],
+            ..Default::default()
+        };
+        a.overlay(&FieldValues {
+            tree: Some("b".into()),
+            platform: Some("p".into()),
+            tags: vec!["x".into(), "y".into()],
+            ..Default::default()
+        });
+        assert_eq!(a.tree.as_deref(), Some("b"));
+        assert_eq!(a.platform.as_deref(), Some("p"));
+        assert_eq!(a.tags, vec!["x", "y"]);
+    }
+}

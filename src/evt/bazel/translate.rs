@@ -1,0 +1,846 @@
+//! The Bazel translator: a live model of one Bazel invocation, fed BEP events in stream
+//! order, giving normalized messages.
+//!
+//! What becomes what:
+//! - `started` .. `lastMessage`: a `build` message `started` (once the context below is
+//!   known) and one `finished` at `lastMessage` (not at `buildFinished`: metrics and late
+//!   `aborted` events come after it and still count);
+//! - `targetCompleted`: a `task` with `task: "build"` (outcome `succeeded`/`failed`, or
+//!   `not_executed` when aborted); `actionCompleted`: a `task` named by the action's
+//!   mnemonic; the target's output files (through its named sets): `artifact`s;
+//! - `testResult`: a `test` with `scope: attempt` (and its outputs as `artifact`s);
+//!   `testSummary`: a `test` with `scope: summary`;
+//! - `ERROR:`/`WARNING:` records in `progress` stderr: `log`s;
+//! - `buildMetrics`: `counts.metrics` of the finished build.
+//!
+//! **Context and determinism.** The Pulse fields come from events that arrive after
+//! `started` (build metadata, workspace status, the target configuration), and Bazel's
+//! JSON and binary writers do not post events in the same order. So messages are held
+//! until the context is known: every context event `started` announced has arrived and
+//! the first event naming a configuration has come (or the build finished). Then the
+//! fields are resolved once, frozen for the build, and everything held is released in
+//! order. Every message id is a function of event ids only, never of arrival order, so
+//! the `.json` and `.bin` of one invocation give the same set of messages.
+//!
+//! Timestamps: an event's own time where BEP has one (start, finish, test attempts,
+//! action times), else the transport's time for the event (BES), else the build's start.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use super::proto::build_event_stream::{
+    self as bep, build_event::Payload as P, build_event_id::Id, BuildEvent,
+};
+use crate::evt::console;
+use crate::evt::fields::{repo_name, PulseFields, RuleSource};
+use crate::evt::{Context, Emit, Translator};
+use crate::model::{
+    time, ArtifactPayload, BuildPayload, BuildResult, BuildState, Builder, Common, Counts,
+    Envelope, LogPayload, Payload, SourceMeta, SstateResult, TaskOutcome, TaskPayload,
+    TestPayload,
+};
+
+const SYSTEM: &str = "bazel";
+
+/// Context event kinds whose arrival (when `started` announced them) the Pulse fields wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Ctx {
+    Metadata,
+    Status,
+    Options,
+    Structured,
+    Unstructured,
+    Pattern,
+}
+
+fn ctx_of(id: &Id) -> Option<Ctx> {
+    Some(match id {
+        Id::BuildMetadata(_) => Ctx::Metadata,
+        Id::WorkspaceStatus(_) => Ctx::Status,
+        Id::OptionsParsed(_) => Ctx::Options,
+        Id::StructuredCommandLine(_) => Ctx::Structured,
+        Id::UnstructuredCommandLine(_) => Ctx::Unstructured,
+        Id::Pattern(_) | Id::PatternSkipped(_) => Ctx::Pattern,
+        _ => return None,
+    })
+}
+
+/// A message waiting for the build's Pulse fields.
+struct Draft {
+    payload: Payload,
+    entity: Vec<String>,
+}
+
+#[derive(Default)]
+struct NamedSet {
+    files: Vec<bep::File>,
+    sets: Vec<String>,
+}
+
+/// Everything known about the invocation so far.
+#[derive(Default)]
+struct Build {
+    id: Option<String>,
+    started_ms: Option<i64>,
+    command_name: Option<String>,
+    tool_version: Option<String>,
+    workspace_dir: Option<String>,
+    announced: HashSet<Ctx>,
+    seen: HashSet<Ctx>,
+    metadata: BTreeMap<String, String>,
+    status: BTreeMap<String, String>,
+    configs: HashMap<String, bep::Configuration>,
+    platform_config: Option<String>,
+    original_cmd: Option<Vec<String>>,
+    unstructured_cmd: Option<Vec<String>>,
+    canonical_options: HashMap<String, String>,
+    patterns: Vec<String>,
+    pattern_failure: Option<String>,
+    target_kinds: HashMap<String, String>,
+    named_sets: HashMap<String, NamedSet>,
+    attempts: HashMap<(String, String), (i64, BTreeSet<i64>)>,
+    fields: Option<PulseFields>,
+    pending: Vec<Draft>,
+    finished: Option<bep::BuildFinished>,
+    finished_aborted: Option<String>,
+    metrics: BTreeMap<String, i64>,
+    counts: Counts,
+    host: Option<String>,
+    done: bool,
+}
+
+impl RuleSource for Build {
+    fn lookup(&self, rule: &str) -> Option<String> {
+        let (ns, key) = rule.split_once(':').unwrap_or((rule, ""));
+        let config = || self.platform_config.as_ref().and_then(|c| self.configs.get(c));
+        match ns {
+            "metadata" => self.metadata.get(key).cloned(),
+            "status" => self.status.get(key).cloned(),
+            "config" => config().map(|c| match key {
+                "platformName" | "platform_name" => c.platform_name.clone(),
+                "cpu" => c.cpu.clone(),
+                "mnemonic" => c.mnemonic.clone(),
+                _ => String::new(),
+            }),
+            "make" => config().and_then(|c| c.make_variable.get(key).cloned()),
+            "option" => self.canonical_options.get(key).cloned(),
+            "repo" => self.lookup(key).and_then(|url| repo_name(&url)),
+            "workspace" => self
+                .workspace_dir
+                .as_deref()
+                .and_then(|d| d.trim_end_matches('/').rsplit('/').next())
+                .map(str::to_string),
+            "literal" => Some(key.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// Statistics of one translation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub events: u64,
+    /// Events of kinds this version of buildbus does not know (newer Bazel): skipped.
+    pub unknown: u64,
+    pub builds: u64,
+}
+
+/// Translates the BEP events of one stream (one or more invocations, one after another).
+pub struct BazelTranslator {
+    ctx: Arc<Context>,
+    source: SourceMeta,
+    build: Build,
+    stats: Stats,
+    /// The transport's time for the current event (BES gives one), in ms.
+    event_time_ms: Option<i64>,
+}
+
+fn ms_of(ts: &Option<pbjson_types::Timestamp>) -> Option<i64> {
+    ts.as_ref()
+        .and_then(|t| t.seconds.checked_mul(1000)?.checked_add(i64::from(t.nanos) / 1_000_000))
+}
+
+fn dur_ms(d: &Option<pbjson_types::Duration>) -> Option<i64> {
+    d.as_ref()
+        .and_then(|d| d.seconds.checked_mul(1000)?.checked_add(i64::from(d.nanos) / 1_000_000))
+}
+
+fn nonzero(v: i64) -> Option<i64> {
+    (v != 0).then_some(v)
+}
+
+fn nonempty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+fn config_id(c: &Option<bep::build_event_id::ConfigurationId>) -> String {
+    c.as_ref().map(|c| c.id.clone()).unwrap_or_default()
+}
+
+fn file_uri(f: &bep::File) -> Option<String> {
+    match &f.file {
+        Some(bep::file::File::Uri(u)) => Some(u.clone()),
+        _ => None,
+    }
+}
+
+/// A file's path: its prefix and name, else the local path of a `file://` URI, else its name.
+fn file_path(f: &bep::File) -> String {
+    if !f.path_prefix.is_empty() {
+        let mut p = f.path_prefix.join("/");
+        p.push('/');
+        p.push_str(&f.name);
+        return p;
+    }
+    if let Some(path) = file_uri(f).as_deref().and_then(|u| u.strip_prefix("file://")) {
+        return path.to_string();
+    }
+    f.name.clone()
+}
+
+fn sha256_of(f: &bep::File) -> Option<String> {
+    let d = f.digest.to_ascii_lowercase();
+    (d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())).then_some(d)
+}
+
+fn test_status(code: i32) -> String {
+    bep::TestStatus::try_from(code)
+        .map(|s| s.as_str_name().to_ascii_lowercase())
+        .unwrap_or_else(|_| format!("status_{code}"))
+}
+
+impl BazelTranslator {
+    pub fn new(ctx: Arc<Context>, source: SourceMeta) -> BazelTranslator {
+        BazelTranslator {
+            ctx,
+            source,
+            build: Build::default(),
+            stats: Stats::default(),
+            event_time_ms: None,
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Feeds an event that came with a transport timestamp (BES `event_time`).
+    pub fn event_at(&mut self, ev: BuildEvent, time_ms: Option<i64>, out: &mut Emit<'_>) {
+        self.event_time_ms = time_ms;
+        self.event(ev, out);
+        self.event_time_ms = None;
+    }
+
+    fn fallback_ms(&self) -> Option<i64> {
+        self.event_time_ms.or(self.build.started_ms)
+    }
+
+    fn common_placeholder(&self, ts_ms: Option<i64>) -> Common {
+        Common {
+            timestamp: ts_ms.or(self.fallback_ms()).and_then(time::from_millis),
+            ..Common::default()
+        }
+    }
+
+    fn draft(&mut self, payload: Payload, entity: Vec<String>, out: &mut Emit<'_>) {
+        let b = &mut self.build;
+        match &payload {
+            Payload::Task(t) => *b.counts.tasks.entry(t.outcome.as_str().into()).or_default() += 1,
+            Payload::Test(t) if t.scope == "summary" => {
+                *b.counts.tests.entry(t.status.clone()).or_default() += 1
+            }
+            Payload::Log(l) => match l.level {
+                crate::model::LogLevel::Warning => b.counts.warnings += 1,
+                _ => b.counts.errors += 1,
+            },
+            _ => {}
+        }
+        b.pending.push(Draft { payload, entity });
+        if b.fields.is_some() {
+            self.release(out);
+        }
+    }
+
+    /// Sends every held message (the fields must be frozen).
+    fn release(&mut self, out: &mut Emit<'_>) {
+        let (Some(fields), Some(id)) = (self.build.fields.as_ref(), self.build.id.as_ref()) else {
+            return;
+        };
+        for mut d in self.build.pending.drain(..) {
+            let ts = d.payload.common().timestamp.clone();
+            *d.payload.common_mut() = fields.common(id, SYSTEM, ts);
+            let parts: Vec<&str> = d.entity.iter().map(String::as_str).collect();
+            out(Envelope::new(
+                d.payload,
+                &parts,
+                self.source.clone(),
+                &self.ctx.exchange_prefix,
+            ));
+        }
+    }
+
+    fn context_complete(&self) -> bool {
+        self.build.announced.iter().all(|c| self.build.seen.contains(c))
+    }
+
+    /// Freezes the Pulse fields (if not yet) and emits `build started` plus all held
+    /// messages. `force` freezes even with context missing (the build is ending).
+    fn freeze(&mut self, force: bool, out: &mut Emit<'_>) {
+        if self.build.fields.is_some() || self.build.id.is_none() {
+            return;
+        }
+        if !force && !self.context_complete() {
+            return;
+        }
+        if self.build.platform_config.is_none() {
+            // Any target configuration known (lowest id, for determinism).
+            self.build.platform_config = self
+                .build
+                .configs
+                .iter()
+                .filter(|(_, c)| !c.is_tool && !c.platform_name.is_empty())
+                .map(|(id, _)| id.clone())
+                .min();
+        }
+        self.build.fields = Some(PulseFields::resolve(
+            &self.ctx.rules(SYSTEM),
+            &self.ctx.fixed,
+            &self.build,
+        ));
+        // The started message goes first.
+        let started = Payload::Build(self.build_payload(BuildState::Started));
+        self.build.pending.insert(
+            0,
+            Draft {
+                payload: started,
+                entity: vec![],
+            },
+        );
+        self.release(out);
+    }
+
+    fn command_line(&self) -> Option<String> {
+        let args = self
+            .build
+            .original_cmd
+            .as_ref()
+            .or(self.build.unstructured_cmd.as_ref())?;
+        let r = &self.ctx.redactor;
+        Some(args.iter().map(|a| r.arg(a)).collect::<Vec<_>>().join(" "))
+    }
+
+    fn build_payload(&self, state: BuildState) -> BuildPayload {
+        let b = &self.build;
+        let fin = b.finished.as_ref();
+        let finished_ms = fin.and_then(|f| nonzero(f.finish_time_millis).or(ms_of(&f.finish_time)));
+        let exit = fin.and_then(|f| f.exit_code.as_ref());
+        let result = (state == BuildState::Finished).then(|| {
+            if b.finished_aborted.is_some() && fin.is_none() {
+                return BuildResult::Aborted;
+            }
+            match exit.map(|e| e.name.as_str()) {
+                Some("SUCCESS") => BuildResult::Success,
+                Some("INTERRUPTED") => BuildResult::Interrupted,
+                None if fin.is_some_and(|f| f.overall_success) => BuildResult::Success,
+                None if fin.is_none() => BuildResult::Aborted,
+                _ => BuildResult::Failure,
+            }
+        });
+        let redactor = &self.ctx.redactor;
+        let mut metadata: BTreeMap<String, String> = b
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), redactor.keyed(k, v)))
+            .collect();
+        if let Some(c) = &b.command_name {
+            metadata.insert("bazel.command".into(), c.clone());
+        }
+        let (ts, counts) = match state {
+            BuildState::Started => (b.started_ms, Counts::default()),
+            BuildState::Finished => {
+                let mut counts = b.counts.clone();
+                counts.metrics = b.metrics.clone();
+                (finished_ms.or(b.started_ms), counts)
+            }
+        };
+        let finished = state == BuildState::Finished;
+        BuildPayload {
+            common: self.common_placeholder(ts),
+            state,
+            result,
+            targets: b.patterns.clone(),
+            command: self.command_line(),
+            started_at: b.started_ms.and_then(time::from_millis),
+            finished_at: if finished { finished_ms.and_then(time::from_millis) } else { None },
+            duration_ms: if finished {
+                finished_ms.zip(b.started_ms).map(|(f, s)| f - s)
+            } else {
+                None
+            },
+            exit_code: if finished {
+                exit.map(|e| i64::from(e.code)).or(fin.map(|_| 0))
+            } else {
+                None
+            },
+            builder: Builder {
+                host: b.status.get("BUILD_HOST").cloned().or(b.host.clone()),
+                user: b.status.get("BUILD_USER").cloned(),
+            },
+            counts,
+            tool_version: b.tool_version.clone(),
+            failure: if finished {
+                fin.and_then(|f| f.failure_detail.as_ref())
+                    .map(|d| d.message.clone())
+                    .filter(|m| !m.is_empty())
+                    .or(b.pattern_failure.clone())
+                    .or(b.finished_aborted.clone())
+            } else {
+                None
+            },
+            metadata,
+        }
+    }
+
+    /// Ends the current invocation: emits anything held and, if Bazel said the build
+    /// finished, the finished message.
+    fn end_build(&mut self, out: &mut Emit<'_>) {
+        if self.build.done || self.build.id.is_none() {
+            return;
+        }
+        self.freeze(true, out);
+        if self.build.finished.is_some() || self.build.finished_aborted.is_some() {
+            let p = Payload::Build(self.build_payload(BuildState::Finished));
+            self.draft(p, vec![], out);
+        }
+        self.build.done = true;
+    }
+
+    fn named_set_files(&self, roots: &[String]) -> Vec<bep::File> {
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut stack: Vec<&str> = roots.iter().map(String::as_str).rev().collect();
+        let mut files = Vec::new();
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            if let Some(set) = self.build.named_sets.get(id) {
+                files.extend(set.files.iter().cloned());
+                stack.extend(set.sets.iter().map(String::as_str).rev());
+            }
+        }
+        files
+    }
+
+    fn artifact(
+        &mut self,
+        f: &bep::File,
+        kind: &str,
+        target: Option<&str>,
+        entity: Vec<String>,
+        ts: Option<i64>,
+        out: &mut Emit<'_>,
+    ) {
+        let path = file_path(f);
+        let p = ArtifactPayload {
+            common: self.common_placeholder(ts),
+            path,
+            uri: file_uri(f),
+            kind: kind.to_string(),
+            size: u64::try_from(f.length).ok().filter(|&l| l > 0),
+            sha256: sha256_of(f),
+            target: target.map(str::to_string),
+            fields: BTreeMap::new(),
+        };
+        self.draft(Payload::Artifact(p), entity, out);
+    }
+
+    fn on_target_completed(
+        &mut self,
+        id: &bep::build_event_id::TargetCompletedId,
+        payload: Option<&P>,
+        out: &mut Emit<'_>,
+    ) {
+        let cfg = config_id(&id.configuration);
+        self.note_config(&cfg, out);
+        let task = if id.aspect.is_empty() { "build".to_string() } else { id.aspect.clone() };
+        let (outcome, failure, files) = match payload {
+            Some(P::Completed(c)) => {
+                let outcome = if c.success { TaskOutcome::Succeeded } else { TaskOutcome::Failed };
+                let failure = c.failure_detail.as_ref().and_then(|d| nonempty(&d.message));
+                let mut groups: Vec<(String, Vec<String>)> = c
+                    .output_group
+                    .iter()
+                    .map(|g| (g.name.clone(), g.file_sets.iter().map(|s| s.id.clone()).collect()))
+                    .collect();
+                groups.sort();
+                let mut files: Vec<(String, bep::File)> = Vec::new();
+                for (name, sets) in &groups {
+                    for f in self.named_set_files(sets) {
+                        files.push((name.clone(), f));
+                    }
+                }
+                if groups.is_empty() {
+                    files.extend(c.important_output.iter().map(|f| ("default".to_string(), f.clone())));
+                }
+                (outcome, failure, files)
+            }
+            Some(P::Aborted(a)) => (TaskOutcome::NotExecuted, nonempty(&a.description), vec![]),
+            _ => (TaskOutcome::Failed, None, vec![]),
+        };
+        let p = TaskPayload {
+            common: self.common_placeholder(None),
+            target: id.label.clone(),
+            task: task.clone(),
+            outcome,
+            sstate_result: SstateResult::Na,
+            started_at: None,
+            finished_at: None,
+            elapsed_ms: None,
+            exit_code: None,
+            logfile: None,
+            target_kind: self.build.target_kinds.get(&id.label).cloned(),
+            failure,
+        };
+        self.draft(Payload::Task(p), vec![id.label.clone(), cfg.clone(), task], out);
+        let mut seen = HashSet::new();
+        for (group, f) in files {
+            let path = file_path(&f);
+            if !seen.insert(path.clone()) {
+                continue;
+            }
+            let kind = if group == "default" { "output".to_string() } else { format!("output:{group}") };
+            let entity = vec![id.label.clone(), cfg.clone(), path];
+            self.artifact(&f, &kind, Some(&id.label), entity, None, out);
+        }
+    }
+
+    fn on_action(
+        &mut self,
+        id: &bep::build_event_id::ActionCompletedId,
+        a: &bep::ActionExecuted,
+        out: &mut Emit<'_>,
+    ) {
+        let cfg = config_id(&id.configuration);
+        let label = nonempty(&id.label).or_else(|| nonempty(&a.label));
+        let target = label.clone().unwrap_or_else(|| id.primary_output.clone());
+        let start = ms_of(&a.start_time);
+        let end = ms_of(&a.end_time);
+        let mnemonic = nonempty(&a.r#type).unwrap_or_else(|| "action".to_string());
+        let p = TaskPayload {
+            common: self.common_placeholder(end.or(start)),
+            target: target.clone(),
+            task: mnemonic.clone(),
+            outcome: if a.success { TaskOutcome::Succeeded } else { TaskOutcome::Failed },
+            sstate_result: SstateResult::Na,
+            started_at: start.and_then(time::from_millis),
+            finished_at: end.and_then(time::from_millis),
+            elapsed_ms: start.zip(end).map(|(s, e)| e - s),
+            exit_code: (!a.success || a.exit_code != 0).then_some(i64::from(a.exit_code)),
+            logfile: a.stderr.as_ref().and_then(file_uri),
+            target_kind: label.as_ref().and_then(|l| self.build.target_kinds.get(l).cloned()),
+            failure: a.failure_detail.as_ref().and_then(|d| nonempty(&d.message)),
+        };
+        let entity = vec![target, cfg, mnemonic, id.primary_output.clone()];
+        self.draft(Payload::Task(p), entity, out);
+    }
+
+    fn on_test_result(
+        &mut self,
+        id: &bep::build_event_id::TestResultId,
+        payload: Option<&P>,
+        out: &mut Emit<'_>,
+    ) {
+        let cfg = config_id(&id.configuration);
+        self.note_config(&cfg, out);
+        let (run, shard, attempt) = (i64::from(id.run), i64::from(id.shard), i64::from(id.attempt));
+        let e = self.build.attempts.entry((id.label.clone(), cfg.clone())).or_default();
+        e.0 = e.0.max(attempt);
+        e.1.insert(shard);
+        let base = vec![
+            id.label.clone(),
+            cfg.clone(),
+            "attempt".to_string(),
+            run.to_string(),
+            shard.to_string(),
+            attempt.to_string(),
+        ];
+        let p = match payload {
+            Some(P::TestResult(r)) => r,
+            Some(P::Aborted(a)) => {
+                let p = self.test_payload(&id.label, "attempt", "incomplete".into(), None);
+                let _ = a;
+                let p = TestPayload { attempt: Some(attempt), shard: Some(shard), run: Some(run), ..p };
+                self.draft(Payload::Test(p), base, out);
+                return;
+            }
+            _ => return,
+        };
+        let start = nonzero(p.test_attempt_start_millis_epoch).or(ms_of(&p.test_attempt_start));
+        let info = p.execution_info.as_ref();
+        let log = p.test_action_output.iter().find(|f| f.name == "test.log");
+        let mut t = self.test_payload(&id.label, "attempt", test_status(p.status), start);
+        t.attempt = Some(attempt);
+        t.shard = Some(shard);
+        t.run = Some(run);
+        t.duration_ms = nonzero(p.test_attempt_duration_millis).or(dur_ms(&p.test_attempt_duration));
+        t.cached = Some(p.cached_locally || info.is_some_and(|i| i.cached_remotely));
+        t.logurl = log.and_then(file_uri);
+        t.strategy = info.and_then(|i| nonempty(&i.strategy));
+        if self.build.host.is_none() {
+            self.build.host = info.and_then(|i| nonempty(&i.hostname));
+        }
+        self.draft(Payload::Test(t), base.clone(), out);
+        for f in &p.test_action_output {
+            let kind = match f.name.as_str() {
+                "test.log" => "test_log",
+                "test.xml" => "test_xml",
+                _ => "test_output",
+            };
+            let mut entity = base.clone();
+            entity.push(f.name.clone());
+            self.artifact(f, kind, Some(&id.label), entity, start, out);
+        }
+    }
+
+    fn test_payload(&self, label: &str, scope: &str, status: String, ts: Option<i64>) -> TestPayload {
+        TestPayload {
+            common: self.common_placeholder(ts),
+            test: label.to_string(),
+            scope: scope.to_string(),
+            status,
+            attempt: None,
+            shard: None,
+            run: None,
+            total_attempts: None,
+            total_shards: None,
+            duration_ms: None,
+            cached: None,
+            logurl: None,
+            strategy: None,
+        }
+    }
+
+    fn on_test_summary(
+        &mut self,
+        id: &bep::build_event_id::TestSummaryId,
+        payload: Option<&P>,
+        out: &mut Emit<'_>,
+    ) {
+        let cfg = config_id(&id.configuration);
+        self.note_config(&cfg, out);
+        let entity = vec![id.label.clone(), cfg.clone(), "summary".to_string()];
+        let s = match payload {
+            Some(P::TestSummary(s)) => s,
+            Some(P::Aborted(_)) => {
+                let t = self.test_payload(&id.label, "summary", "incomplete".into(), None);
+                self.draft(Payload::Test(t), entity, out);
+                return;
+            }
+            _ => return,
+        };
+        let seen = self.build.attempts.get(&(id.label.clone(), cfg));
+        let start = nonzero(s.first_start_time_millis).or(ms_of(&s.first_start_time));
+        let mut t = self.test_payload(&id.label, "summary", test_status(s.overall_status), start);
+        t.total_attempts = nonzero(i64::from(s.attempt_count)).or(seen.map(|a| a.0));
+        t.total_shards =
+            nonzero(i64::from(s.shard_count)).or(seen.map(|a| a.1.len() as i64).filter(|&n| n > 0));
+        t.run = nonzero(i64::from(s.run_count));
+        t.duration_ms = nonzero(s.total_run_duration_millis).or(dur_ms(&s.total_run_duration));
+        t.cached = Some(s.total_num_cached > 0);
+        t.logurl = s.failed.iter().chain(&s.passed).find_map(file_uri);
+        self.draft(Payload::Test(t), entity, out);
+    }
+
+    /// The first event naming a target configuration picks the build's platform and
+    /// may complete the context.
+    fn note_config(&mut self, cfg: &str, out: &mut Emit<'_>) {
+        if self.build.platform_config.is_none() && self.build.configs.contains_key(cfg) {
+            self.build.platform_config = Some(cfg.to_string());
+        }
+        if self.build.platform_config.is_some() {
+            self.freeze(false, out);
+        }
+    }
+
+    fn on_progress(&mut self, opaque: i32, p: &bep::Progress, out: &mut Emit<'_>) {
+        for (i, rec) in console::records(&p.stderr).into_iter().enumerate() {
+            let message = self.ctx.redactor.value(&rec.message);
+            let target = console::first_label(&message);
+            let l = LogPayload {
+                common: self.common_placeholder(None),
+                level: rec.level,
+                message,
+                target,
+                task: None,
+            };
+            let entity = vec!["progress".to_string(), opaque.to_string(), i.to_string()];
+            self.draft(Payload::Log(l), entity, out);
+        }
+    }
+
+    fn on_started(&mut self, ev: &BuildEvent, s: &bep::BuildStarted, out: &mut Emit<'_>) {
+        if self.build.id.as_deref().is_some_and(|id| id != s.uuid) {
+            // A second invocation in one stream: close the first.
+            self.end_build(out);
+        }
+        if self.build.id.is_some() && self.build.done {
+            self.build = Build::default();
+        }
+        let b = &mut self.build;
+        b.id = Some(if s.uuid.is_empty() { "bazel-unknown-invocation".into() } else { s.uuid.clone() });
+        b.started_ms = nonzero(s.start_time_millis).or(ms_of(&s.start_time));
+        b.command_name = nonempty(&s.command);
+        b.tool_version = nonempty(&s.build_tool_version);
+        b.workspace_dir = nonempty(&s.workspace_directory);
+        for child in &ev.children {
+            if let Some(c) = child.id.as_ref().and_then(ctx_of) {
+                b.announced.insert(c);
+            }
+        }
+        self.source.tool_version = self.build.tool_version.clone();
+        self.stats.builds += 1;
+        // Messages that came before `started` got no timestamp: give them the start.
+        let started = self.build.started_ms.and_then(time::from_millis);
+        for d in &mut self.build.pending {
+            let c = d.payload.common_mut();
+            if c.timestamp.is_none() {
+                c.timestamp = started.clone();
+            }
+        }
+    }
+
+    fn on_structured(&mut self, label: &str, cl: &bep::CommandLine) {
+        let mut args = Vec::new();
+        let mut options = HashMap::new();
+        for s in &cl.sections {
+            match &s.section_type {
+                Some(bep::command_line_section::SectionType::ChunkList(c)) => {
+                    args.extend(c.chunk.iter().cloned())
+                }
+                Some(bep::command_line_section::SectionType::OptionList(o)) => {
+                    for opt in &o.option {
+                        args.push(opt.combined_form.clone());
+                        options.insert(opt.option_name.clone(), opt.option_value.clone());
+                    }
+                }
+                None => {}
+            }
+        }
+        match label {
+            "original" => self.build.original_cmd = Some(args),
+            "canonical" => self.build.canonical_options = options,
+            _ => {}
+        }
+    }
+}
+
+impl Translator for BazelTranslator {
+    type Event = BuildEvent;
+
+    fn event(&mut self, ev: BuildEvent, out: &mut Emit<'_>) {
+        self.stats.events += 1;
+        let Some(id) = ev.id.as_ref().and_then(|i| i.id.clone()) else {
+            self.stats.unknown += 1;
+            return;
+        };
+        if let Some(c) = ctx_of(&id) {
+            self.build.seen.insert(c);
+        }
+        match (&id, ev.payload.as_ref()) {
+            (Id::Started(_), Some(P::Started(s))) => {
+                let s = s.clone();
+                self.on_started(&ev, &s, out);
+            }
+            (Id::BuildMetadata(_), Some(P::BuildMetadata(m))) => {
+                self.build.metadata = m.metadata.clone();
+            }
+            (Id::WorkspaceStatus(_), Some(P::WorkspaceStatus(s))) => {
+                self.build.status = s.item.iter().map(|i| (i.key.clone(), i.value.clone())).collect();
+            }
+            (Id::StructuredCommandLine(sid), Some(P::StructuredCommandLine(cl))) => {
+                self.on_structured(&sid.command_line_label, cl);
+            }
+            (Id::UnstructuredCommandLine(_), Some(P::UnstructuredCommandLine(u))) => {
+                self.build.unstructured_cmd = Some(u.args.clone());
+            }
+            (Id::Pattern(p), payload) => {
+                for pat in &p.pattern {
+                    if !self.build.patterns.contains(pat) {
+                        self.build.patterns.push(pat.clone());
+                    }
+                }
+                if let Some(P::Aborted(a)) = payload {
+                    self.build.pattern_failure = nonempty(&a.description);
+                }
+            }
+            (Id::Workspace(_), Some(P::WorkspaceInfo(_))) => {}
+            (Id::Configuration(c), Some(P::Configuration(conf))) => {
+                self.build.configs.insert(c.id.clone(), conf.clone());
+            }
+            (Id::TargetConfigured(t), Some(P::Configured(c))) => {
+                if !c.target_kind.is_empty() {
+                    self.build.target_kinds.insert(t.label.clone(), c.target_kind.clone());
+                }
+            }
+            (Id::NamedSet(n), Some(P::NamedSetOfFiles(s))) => {
+                let set = NamedSet {
+                    files: s.files.clone(),
+                    sets: s.file_sets.iter().map(|x| x.id.clone()).collect(),
+                };
+                self.build.named_sets.insert(n.id.clone(), set);
+            }
+            (Id::TargetCompleted(t), payload) => self.on_target_completed(t, payload, out),
+            (Id::ActionCompleted(a), Some(P::Action(x))) => self.on_action(a, x, out),
+            (Id::TestResult(t), payload) => self.on_test_result(t, payload, out),
+            (Id::TestSummary(t), payload) => self.on_test_summary(t, payload, out),
+            (Id::Progress(p), Some(P::Progress(x))) => self.on_progress(p.opaque_count, x, out),
+            (Id::BuildFinished(_), Some(P::Finished(f))) => {
+                self.build.finished = Some(f.clone());
+                self.freeze(true, out);
+            }
+            (Id::BuildFinished(_), Some(P::Aborted(a))) => {
+                self.build.finished_aborted = Some(a.description.clone());
+            }
+            (Id::BuildMetrics(_), Some(P::BuildMetrics(m))) => self.on_metrics(m),
+            _ => {}
+        }
+        if ev.last_message {
+            self.end_build(out);
+        }
+    }
+
+    fn finish(&mut self, out: &mut Emit<'_>) {
+        self.end_build(out);
+    }
+}
+
+impl BazelTranslator {
+    fn on_metrics(&mut self, m: &bep::BuildMetrics) {
+        let mut put = |k: &str, v: i64| {
+            if v != 0 {
+                self.build.metrics.insert(k.to_string(), v);
+            }
+        };
+        if let Some(a) = &m.action_summary {
+            put("actions_created", a.actions_created);
+            put("actions_executed", a.actions_executed);
+            put("remote_cache_hits", a.remote_cache_hits);
+        }
+        if let Some(t) = &m.target_metrics {
+            put("targets_loaded", t.targets_loaded);
+            put("targets_configured", t.targets_configured);
+        }
+        if let Some(p) = &m.package_metrics {
+            put("packages_loaded", p.packages_loaded);
+        }
+        if let Some(t) = &m.timing_metrics {
+            put("cpu_time_ms", t.cpu_time_in_ms);
+            put("wall_time_ms", t.wall_time_in_ms);
+            put("analysis_phase_time_ms", t.analysis_phase_time_in_ms);
+        }
+        if let Some(mm) = &m.memory_metrics {
+            put("used_heap_size_post_build", mm.used_heap_size_post_build);
+            put("peak_post_gc_heap_size", mm.peak_post_gc_heap_size);
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Pulse fields: how a build's tree, platform, buildtype, product, revision, branch and
+//! tags are chosen, the same way for every build system.
+//!
+//! A front end knows how to answer a *rule* (`metadata:BRANCH`, `var:MACHINE`, ...) from
+//! its live build state; this module walks the configured rules in order and applies
+//! the fixed values from `[fields]`, `BUILDBUS_*` and flags on top. The result is frozen
+//! once per build, so every message of a build carries the same fields and routing-key
+//! prefix.
+
+use crate::config::{DeriveRules, FieldValues};
+use crate::model::Common;
+
+/// Answers one rule from a front end's build state.
+pub trait RuleSource {
+    fn lookup(&self, rule: &str) -> Option<String>;
+}
+
+/// The resolved Pulse fields of one build.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PulseFields {
+    pub tree: Option<String>,
+    pub platform: Option<String>,
+    pub buildtype: Option<String>,
+    pub product: Option<String>,
+    pub revision: Option<String>,
+    pub branch: Option<String>,
+    pub tags: Vec<String>,
+}
+
+fn first(rules: &[String], src: &dyn RuleSource) -> Option<String> {
+    rules
+        .iter()
+        .filter_map(|r| src.lookup(r))
+        .map(|v| v.trim().to_string())
+        .find(|v| !v.is_empty())
+}
+
+impl PulseFields {
+    /// Resolves every field: fixed values win, then the first rule that answers.
+    pub fn resolve(rules: &DeriveRules, fixed: &FieldValues, src: &dyn RuleSource) -> PulseFields {
+        let pick = |f: &Option<String>, r: &[String]| f.clone().or_else(|| first(r, src));
+        let mut tags: Vec<String> = Vec::new();
+        let mut add = |t: &str| {
+            let t = t.trim();
+            if !t.is_empty() && !tags.iter().any(|x| x == t) {
+                tags.push(t.to_string());
+            }
+        };
+        for t in &fixed.tags {
+            add(t);
+        }
+        for r in &rules.tags {
+            if let Some(v) = src.lookup(r) {
+                v.split(',').for_each(&mut add);
+            }
+        }
+        PulseFields {
+            tree: pick(&fixed.tree, &rules.tree),
+            platform: pick(&fixed.platform, &rules.platform),
+            buildtype: pick(&fixed.buildtype, &rules.buildtype),
+            product: pick(&fixed.product, &rules.product),
+            revision: pick(&fixed.revision, &rules.revision),
+            branch: pick(&fixed.branch, &rules.branch),
+            tags,
+        }
+    }
+
+    /// The common payload part for one message of this build.
+    pub fn common(&self, build_id: &str, system: &str, timestamp: Option<String>) -> Common {
+        Common {
+            build_id: build_id.to_string(),
+            system: system.to_string(),
+            tree: self.tree.clone(),
+            platform: self.platform.clone(),
+            buildtype: self.buildtype.clone(),
+            product: self.product.clone(),
+            revision: self.revision.clone(),
+            branch: self.branch.clone(),
+            tags: self.tags.clone(),
+            timestamp,
+        }
+    }
+}
+
+/// The repository name in a URL or path: `https://h/acme/x.git` and `git@h:acme/x` give `x`.
+pub fn repo_name(url: &str) -> Option<String> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let last = trimmed.rsplit(['/', ':']).next()?;
+    let name = last.strip_suffix(".git").unwrap_or(last);
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Map(HashMap<&'static str, &'static str>);
+    impl RuleSource for Map {
+        fn lookup(&self, rule: &str) -> Option<String> {
+            self.0.get(rule).map(|s| s.to_string())
+        }
+    }
+
+    #[test]
+    fn first_rule_that_answers_wins_and_fixed_wins_over_all() {
+        let src = Map(HashMap::from([("b", "B"), ("c", "C"), ("t", "x, y,x")]));
+        let rules = DeriveRules {
+            tree: vec!["a".into(), "b".into(), "c".into()],
+            platform: vec!["c".into()],
+            tags: vec!["t".into()],
+            ..Default::default()
+        };
+        let fixed = FieldValues {
+            platform: Some("fixed".into()),
+            tags: vec!["always".into()],
+            ..Default::default()
+        };
+        let f = PulseFields::resolve(&rules, &fixed, &src);
+        assert_eq!(f.tree.as_deref(), Some("B"));
+        assert_eq!(f.platform.as_deref(), Some("fixed"));
+        assert_eq!(f.buildtype, None);
+        assert_eq!(f.tags, vec!["always", "x", "y"]);
+    }
+
+    #[test]
+    fn repo_names() {
+        assert_eq!(repo_name("https://example.invalid/acme/bep-fixture.git").as_deref(), Some("bep-fixture"));
+        assert_eq!(repo_name("git@github.com:acme/x").as_deref(), Some("x"));
+        assert_eq!(repo_name("").as_deref(), None);
+    }
+}

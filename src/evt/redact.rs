@@ -1,0 +1,130 @@
+//! Redaction: secrets never leave the EVT.
+//!
+//! Every value a front end copies from the stream into a message that could carry a
+//! secret (command-line options, Bazel build metadata, BitBake variables) goes through a
+//! [`Redactor`] first. Three rules, all from `[redaction]` in the configuration:
+//! - the whole value of an option named in `options` (`--client_env=HOME=/x` becomes
+//!   `--client_env=HOME=<redacted>`: the variable name stays, its value goes);
+//! - the value of a `NAME=VALUE` pair, a metadata key or an option whose name matches a
+//!   `key_patterns` regex;
+//! - any part of any value matching a `value_patterns` regex (its `keep` group is kept).
+
+use regex::Regex;
+
+use crate::config::RedactionConfig;
+
+/// What a secret is replaced with.
+pub const REDACTED: &str = "<redacted>";
+
+#[derive(Debug, Clone)]
+pub struct Redactor {
+    options: Vec<String>,
+    keys: Vec<Regex>,
+    values: Vec<Regex>,
+}
+
+impl Redactor {
+    /// Compiles the patterns; a bad one is returned as `(pattern, reason)`.
+    pub fn new(cfg: &RedactionConfig) -> Result<Redactor, (String, String)> {
+        let compile = |p: &String| Regex::new(p).map_err(|e| (p.clone(), e.to_string()));
+        Ok(Redactor {
+            options: cfg
+                .options
+                .iter()
+                .map(|o| o.trim_start_matches('-').to_string())
+                .collect(),
+            keys: cfg.key_patterns.iter().map(compile).collect::<Result<_, _>>()?,
+            values: cfg
+                .value_patterns
+                .iter()
+                .map(compile)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Whether a key (variable, metadata key, option name) names a secret.
+    pub fn is_secret_key(&self, key: &str) -> bool {
+        self.keys.iter().any(|r| r.is_match(key))
+    }
+
+    /// Redacts the parts of a free-form value that look like secrets.
+    pub fn value(&self, value: &str) -> String {
+        let mut out = std::borrow::Cow::Borrowed(value);
+        for r in &self.values {
+            if r.is_match(&out) {
+                out = std::borrow::Cow::Owned(
+                    r.replace_all(&out, format!("${{keep}}{REDACTED}").as_str())
+                        .into_owned(),
+                );
+            }
+        }
+        out.into_owned()
+    }
+
+    /// Redacts the value of `key` (a metadata entry or variable).
+    pub fn keyed(&self, key: &str, value: &str) -> String {
+        if self.is_secret_key(key) {
+            REDACTED.to_string()
+        } else {
+            self.value(value)
+        }
+    }
+
+    /// Redacts one command-line argument (`--name=value`, `--name value` handled by the
+    /// caller passing `name` and `value` through [`Redactor::option`]).
+    pub fn arg(&self, arg: &str) -> String {
+        if let Some(rest) = arg.strip_prefix("--") {
+            if let Some((name, value)) = rest.split_once('=') {
+                return format!("--{name}={}", self.option(name, value));
+            }
+        }
+        self.value(arg)
+    }
+
+    /// Redacts the value of option `name`.
+    pub fn option(&self, name: &str, value: &str) -> String {
+        let secret_option = self.options.iter().any(|o| o == name) || self.is_secret_key(name);
+        match value.split_once('=') {
+            // NAME=VALUE options (client_env, action_env, test_env, remote_header, ...):
+            // keep the name, judge by option and by name.
+            Some((k, _)) if secret_option || self.is_secret_key(k) => format!("{k}={REDACTED}"),
+            _ if secret_option => REDACTED.to_string(),
+            _ => self.value(value),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn r() -> Redactor {
+        Redactor::new(&Config::builtin().redaction).unwrap()
+    }
+
+    #[test]
+    fn client_env_values_never_leave() {
+        let r = r();
+        assert_eq!(r.arg("--client_env=HOME=/home/bzl"), "--client_env=HOME=<redacted>");
+        assert_eq!(
+            r.arg("--remote_header=Authorization=Bearer abc"),
+            "--remote_header=Authorization=<redacted>"
+        );
+        assert_eq!(r.arg("--action_env=GITHUB_TOKEN=xyz"), "--action_env=GITHUB_TOKEN=<redacted>");
+        assert_eq!(r.arg("--action_env=PATH=/bin"), "--action_env=PATH=/bin");
+        assert_eq!(r.arg("//app/..."), "//app/...");
+    }
+
+    #[test]
+    fn values_and_keys() {
+        let r = r();
+        assert_eq!(
+            r.value("https://bob:hunter2@git.example/x.git"),
+            "https://<redacted>@git.example/x.git"
+        );
+        assert_eq!(r.value("Authorization: Bearer abc.def"), "Authorization: Bearer <redacted>");
+        assert_eq!(r.keyed("API_KEY", "1234"), REDACTED);
+        assert_eq!(r.keyed("BRANCH", "main"), "main");
+    }
+}

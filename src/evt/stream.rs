@@ -1,0 +1,257 @@
+//! Driving one input through the pipeline's first two stages: frame, decode, translate.
+//!
+//! [`translate_file`] opens a file, picks its format ([`Format::detect`] when asked for
+//! `auto`), and feeds every event to the build system's translator. Bad events are
+//! reported in the [`StreamReport`] with their position and skipped; everything before
+//! and after them is still translated. Only an unreadable input stops early.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::sync::Arc;
+
+use super::bazel::{codec, BazelTranslator};
+use super::error::{InputError, Reason};
+use super::framing::{Framer, Framing, Next};
+use super::{Context, Emit, Translator};
+use crate::model::SourceMeta;
+
+/// The input formats buildbus reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// Bazel `--build_event_json_file`.
+    BepJson,
+    /// Bazel `--build_event_binary_file`.
+    BepBinary,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::BepJson => "bep-json",
+            Format::BepBinary => "bep-binary",
+        }
+    }
+
+    pub fn system(self) -> &'static str {
+        match self {
+            Format::BepJson | Format::BepBinary => "bazel",
+        }
+    }
+
+    pub fn framing(self) -> Framing {
+        match self {
+            Format::BepJson => Framing::JsonLines,
+            Format::BepBinary => Framing::Varint,
+        }
+    }
+
+    /// Parses a `--format` value; `auto` gives `None`.
+    pub fn parse(s: &str) -> Result<Option<Format>, String> {
+        match s {
+            "auto" => Ok(None),
+            "bep-json" => Ok(Some(Format::BepJson)),
+            "bep-binary" => Ok(Some(Format::BepBinary)),
+            other => Err(format!("unknown format {other:?} (auto, bep-json, bep-binary)")),
+        }
+    }
+
+    /// Tells the format from the file name, else from the first bytes.
+    pub fn detect(path: &Path, head: &[u8]) -> Result<Format, Reason> {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        match ext {
+            "json" | "jsonl" | "ndjson" => return Ok(Format::BepJson),
+            "bin" | "pb" | "binpb" => return Ok(Format::BepBinary),
+            _ => {}
+        }
+        let first = head.iter().find(|b| !b.is_ascii_whitespace());
+        match first {
+            None => Err(Reason::Empty),
+            Some(b'{') => Ok(Format::BepJson),
+            // A BEP binary frame starts with a varint length, then field 1 (id), wire type 2.
+            Some(_) if head.iter().skip_while(|&&b| b & 0x80 != 0).nth(1) == Some(&0x0a) => {
+                Ok(Format::BepBinary)
+            }
+            Some(_) => Err(Reason::Format(
+                "neither JSON lines nor varint-delimited protobuf; pass --format".into(),
+            )),
+        }
+    }
+}
+
+/// What happened while reading one input.
+#[derive(Debug, Clone, Default)]
+pub struct StreamReport {
+    pub origin: String,
+    pub format: Option<Format>,
+    /// Events decoded.
+    pub events: u64,
+    /// Events of kinds this buildbus does not know (skipped, not an error).
+    pub unknown: u64,
+    /// Builds seen.
+    pub builds: u64,
+    pub messages: u64,
+    /// Bad events (skipped) and the error that stopped the input, if any.
+    pub errors: Vec<InputError>,
+    /// The input could not be read to its end.
+    pub incomplete: bool,
+    /// Offset just past the last complete event.
+    pub end_offset: u64,
+}
+
+impl StreamReport {
+    /// Whether the whole input was read without errors.
+    pub fn clean(&self) -> bool {
+        self.errors.is_empty() && !self.incomplete
+    }
+}
+
+/// Feeds framed events to a translator until the data ends; returns the partial frame
+/// left at the end (if any), for the caller to judge (a follower waits for more).
+pub fn pump<R: BufRead, T: Translator>(
+    framer: &mut Framer<R>,
+    decode: &dyn Fn(&[u8]) -> Result<T::Event, Reason>,
+    tr: &mut T,
+    report: &mut StreamReport,
+    out: &mut Emit<'_>,
+) -> Option<super::framing::Frame> {
+    let mut count = |env| {
+        report.messages += 1;
+        out(env)
+    };
+    loop {
+        match framer.next_frame() {
+            Next::Frame(f) => {
+                report.end_offset = f.end;
+                match decode(&f.bytes) {
+                    Ok(ev) => {
+                        report.events += 1;
+                        tr.event(ev, &mut count);
+                    }
+                    Err(reason) => report
+                        .errors
+                        .push(InputError::new(framer.position(f.start, f.index), reason)),
+                }
+            }
+            Next::Skipped(e) => report.errors.push(e),
+            Next::End { partial } => return partial,
+            Next::Failed(e) => {
+                report.errors.push(e);
+                report.incomplete = true;
+                return None;
+            }
+        }
+    }
+}
+
+fn run<T: Translator>(
+    reader: BufReader<File>,
+    format: Format,
+    origin: &str,
+    ctx: &Context,
+    decode: &dyn Fn(&[u8]) -> Result<T::Event, Reason>,
+    tr: &mut T,
+    report: &mut StreamReport,
+    out: &mut Emit<'_>,
+) {
+    let mut framer = Framer::new(reader, format.framing(), origin, ctx.max_event_bytes);
+    let partial = pump(&mut framer, decode, tr, report, out);
+    if let Some(p) = partial {
+        let pos = framer.position(p.start, p.index);
+        // A last JSON line without its newline is fine if it is complete.
+        let last = (format.framing() == Framing::JsonLines && !p.bytes.is_empty())
+            .then(|| decode(&p.bytes));
+        match last {
+            Some(Ok(ev)) => {
+                report.events += 1;
+                report.end_offset = p.end;
+                let mut count = |env| {
+                    report.messages += 1;
+                    out(env)
+                };
+                tr.event(ev, &mut count);
+            }
+            Some(Err(reason)) => {
+                report.incomplete = true;
+                report.errors.push(InputError::new(
+                    pos,
+                    Reason::Truncated(format!("last line is incomplete ({reason})")),
+                ));
+            }
+            None => {
+                report.incomplete = true;
+                let what = if p.bytes.is_empty() {
+                    "the input ends inside an event's length prefix or body".to_string()
+                } else {
+                    format!("the input ends after {} bytes of an event", p.bytes.len())
+                };
+                report.errors.push(InputError::new(pos, Reason::Truncated(what)));
+            }
+        }
+    }
+    let mut count = |env| {
+        report.messages += 1;
+        out(env)
+    };
+    tr.finish(&mut count);
+}
+
+/// Translates one file. `format: None` detects it.
+pub fn translate_file(
+    path: &Path,
+    format: Option<Format>,
+    ctx: &Arc<Context>,
+    out: &mut Emit<'_>,
+) -> StreamReport {
+    let origin = path.display().to_string();
+    let mut report = StreamReport {
+        origin: origin.clone(),
+        ..Default::default()
+    };
+    let fail = |mut report: StreamReport, reason: Reason| {
+        report.incomplete = true;
+        report.errors.push(InputError::whole(&report.origin.clone(), reason));
+        report
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => return fail(report, Reason::Io(e.to_string())),
+    };
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
+    let head = match reader.fill_buf() {
+        Ok(h) => h.to_vec(),
+        Err(e) => return fail(report, Reason::Io(e.to_string())),
+    };
+    if head.is_empty() {
+        return fail(report, Reason::Empty);
+    }
+    let format = match format.map(Ok).unwrap_or_else(|| Format::detect(path, &head)) {
+        Ok(f) => f,
+        Err(r) => return fail(report, r),
+    };
+    report.format = Some(format);
+    let source = SourceMeta {
+        system: format.system().to_string(),
+        format: format.name().to_string(),
+        origin: origin.clone(),
+        tool_version: None,
+    };
+    match format {
+        Format::BepJson | Format::BepBinary => {
+            let mut tr = BazelTranslator::new(ctx.clone(), source);
+            let decode: &dyn Fn(&[u8]) -> _ = match format {
+                Format::BepJson => &codec::decode_json,
+                _ => &codec::decode_binary,
+            };
+            run(reader, format, &origin, ctx, decode, &mut tr, &mut report, out);
+            report.unknown = tr.stats().unknown;
+            report.builds = tr.stats().builds;
+        }
+    }
+    if report.events == 0 && report.errors.is_empty() {
+        report.errors.push(InputError::whole(&origin, Reason::Empty));
+        report.incomplete = true;
+    }
+    report
+}
+

@@ -1,0 +1,31 @@
+//! # buildbus: a build-event bridge
+//!
+//! Build systems emit a flood of raw events; buildbus turns them into clean, normalized
+//! messages on RabbitMQ, where other teams subscribe with filters and a pool of storage
+//! workers keeps the permanent record.
+//!
+//! The source tree is the pipeline, in the order data flows through it:
+//!
+//! ```text
+//!  source ──► translate ──► publish ──► consume ──► store
+//!  evt/<system>/ (framing, codec, translator)   bus/    dsi/ (workers, stores)
+//! ```
+//!
+//! - [`model`]: the normalized message model v1 (envelope, payload kinds, routing keys,
+//!   deterministic ids): the contract between all other parts;
+//! - [`evt`]: the Event Translation Layer; one folder per build system
+//!   ([`evt::bazel`] now, BitBake next), sharing framing, errors, redaction and the
+//!   Pulse-field rules;
+//! - [`config`]: `config/buildbus.toml`, compiled in as the defaults;
+//! - [`report`]: human summaries of translated builds;
+//! - [`cli`]: the `buildbus` command line (`anyhow` lives only there and in `main.rs`).
+//!
+//! Still to come (see the issues): `bus/` (confirmed publishing to RabbitMQ), `dsi/`
+//! (storage workers: SQLite, PostgreSQL), `aam/` (artifact analysis), `client/` (filtered
+//! subscriptions and `buildbus monitor`).
+
+pub mod cli;
+pub mod config;
+pub mod evt;
+pub mod model;
+pub mod report;

@@ -1,0 +1,482 @@
+//! The envelope and the five payload kinds (`build`, `task`, `test`, `artifact`, `log`).
+//!
+//! Field names here are the wire contract (schema `buildbus/<kind>/v1`): they may grow,
+//! never shrink. Optional values are written as `null` rather than left out, so every
+//! consumer sees the same shape whichever source produced a message.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ids, routing};
+
+/// The version of the message model (`v1` in exchange names and schema ids).
+pub const MODEL_VERSION: &str = "v1";
+/// The default exchange prefix; a kind's exchange is `<prefix>/<kind>`.
+pub const DEFAULT_EXCHANGE_PREFIX: &str = "exchange/buildbus/v1";
+
+/// The five kinds of message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Build,
+    Task,
+    Test,
+    Artifact,
+    Log,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [Kind::Build, Kind::Task, Kind::Test, Kind::Artifact, Kind::Log];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Build => "build",
+            Kind::Task => "task",
+            Kind::Test => "test",
+            Kind::Artifact => "artifact",
+            Kind::Log => "log",
+        }
+    }
+
+    /// `buildbus/<kind>/v1`.
+    pub fn schema(self) -> String {
+        format!("buildbus/{}/{MODEL_VERSION}", self.as_str())
+    }
+
+    /// The exchange of this kind under `prefix`.
+    pub fn exchange(self, prefix: &str) -> String {
+        format!("{}/{}", prefix.trim_end_matches('/'), self.as_str())
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a message came from: the build system and the input it was read from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SourceMeta {
+    /// `bazel` or `bitbake`.
+    pub system: String,
+    /// The input format (`bep-json`, `bep-binary`, `bes`, `bitbake-eventlog`, `bitbake-xmlrpc`).
+    pub format: String,
+    /// A file path, or the address of a live source.
+    pub origin: String,
+    /// The build tool's version, when the stream says it.
+    pub tool_version: Option<String>,
+}
+
+/// `_meta`: routing and identity of one message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub exchange: String,
+    pub routing_key: String,
+    pub message_id: String,
+    /// The entity this message describes a state of (same for `started` and `finished`).
+    pub entity_id: String,
+    pub kind: Kind,
+    /// The state this message describes (`started`/`finished` for builds, the final
+    /// outcome or status for the others); part of `message_id`.
+    pub state: String,
+    pub schema: String,
+    /// When the message was produced (RFC 3339); the only field that differs between
+    /// two translations of one stream.
+    pub sent: String,
+    pub serializer: String,
+    pub source: SourceMeta,
+}
+
+/// The fields every payload carries (Pulse's filter dimensions and the build's identity).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Common {
+    pub build_id: String,
+    pub system: String,
+    pub tree: Option<String>,
+    pub platform: Option<String>,
+    pub buildtype: Option<String>,
+    pub product: Option<String>,
+    pub revision: Option<String>,
+    pub branch: Option<String>,
+    pub tags: Vec<String>,
+    /// When the described event happened (RFC 3339).
+    pub timestamp: Option<String>,
+}
+
+/// Host and user that ran the build, where known.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Builder {
+    pub host: Option<String>,
+    pub user: Option<String>,
+}
+
+/// Tallies carried by a finished build message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Counts {
+    /// Task messages by outcome.
+    pub tasks: BTreeMap<String, u64>,
+    /// Test summaries by status (attempts are not counted here).
+    pub tests: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub warnings: u64,
+    /// Build-system metrics (Bazel's `BuildMetrics`, BitBake's parse statistics).
+    pub metrics: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildState {
+    Started,
+    Finished,
+}
+
+impl BuildState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildState::Started => "started",
+            BuildState::Finished => "finished",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildResult {
+    Success,
+    Failure,
+    Interrupted,
+    Aborted,
+}
+
+impl BuildResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildResult::Success => "success",
+            BuildResult::Failure => "failure",
+            BuildResult::Interrupted => "interrupted",
+            BuildResult::Aborted => "aborted",
+        }
+    }
+}
+
+/// `build`: one build (one Bazel invocation, one BitBake `BuildStarted`..`BuildCompleted`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildPayload {
+    #[serde(flatten)]
+    pub common: Common,
+    pub state: BuildState,
+    pub result: Option<BuildResult>,
+    /// What was asked for (Bazel patterns, BitBake targets).
+    pub targets: Vec<String>,
+    /// The command line, secrets redacted.
+    pub command: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub builder: Builder,
+    pub counts: Counts,
+    /// The build tool's version, when known.
+    pub tool_version: Option<String>,
+    /// Why the build failed, in the tool's words, when it says.
+    pub failure: Option<String>,
+    /// Extra key/value facts the source gives (Bazel build metadata, BitBake machine,
+    /// distro, ...), secrets redacted.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Toaster's task outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskOutcome {
+    Succeeded,
+    Failed,
+    Cached,
+    Prebuilt,
+    Covered,
+    Empty,
+    NotExecuted,
+}
+
+impl TaskOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskOutcome::Succeeded => "succeeded",
+            TaskOutcome::Failed => "failed",
+            TaskOutcome::Cached => "cached",
+            TaskOutcome::Prebuilt => "prebuilt",
+            TaskOutcome::Covered => "covered",
+            TaskOutcome::Empty => "empty",
+            TaskOutcome::NotExecuted => "not_executed",
+        }
+    }
+}
+
+/// Toaster's shared-state results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SstateResult {
+    Na,
+    Miss,
+    Failed,
+    Restored,
+}
+
+/// `task`: one unit of work (a BitBake recipe task, a Bazel target or action).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskPayload {
+    #[serde(flatten)]
+    pub common: Common,
+    /// Recipe or Bazel label.
+    pub target: String,
+    /// `do_compile`, `build` for a Bazel target, or an action mnemonic.
+    pub task: String,
+    pub outcome: TaskOutcome,
+    pub sstate_result: SstateResult,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub elapsed_ms: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub logfile: Option<String>,
+    /// The rule kind (`genrule rule`) or recipe file, where known.
+    pub target_kind: Option<String>,
+    /// Why it failed or was not executed, in the tool's words.
+    pub failure: Option<String>,
+}
+
+/// `test`: one test summary or one attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestPayload {
+    #[serde(flatten)]
+    pub common: Common,
+    pub test: String,
+    /// `summary` or `attempt`.
+    pub scope: String,
+    /// Lower-case status (`passed`, `failed`, `flaky`, `timeout`, ...).
+    pub status: String,
+    pub attempt: Option<i64>,
+    pub shard: Option<i64>,
+    pub run: Option<i64>,
+    pub total_attempts: Option<i64>,
+    pub total_shards: Option<i64>,
+    pub duration_ms: Option<i64>,
+    pub cached: Option<bool>,
+    pub logurl: Option<String>,
+    /// Where it ran (`local`, `linux-sandbox`, `remote`), where known.
+    pub strategy: Option<String>,
+}
+
+/// `artifact`: one file a build produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactPayload {
+    #[serde(flatten)]
+    pub common: Common,
+    pub path: String,
+    pub uri: Option<String>,
+    pub kind: String,
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+    pub target: Option<String>,
+    /// Fields a classification rule captured (machine, package, version, ...).
+    pub fields: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Warning,
+    Error,
+    Critical,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Warning => "warning",
+            LogLevel::Error => "error",
+            LogLevel::Critical => "critical",
+        }
+    }
+}
+
+/// `log`: one warning or error the build reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogPayload {
+    #[serde(flatten)]
+    pub common: Common,
+    pub level: LogLevel,
+    /// Fully formatted text.
+    pub message: String,
+    pub target: Option<String>,
+    pub task: Option<String>,
+}
+
+/// The payload of one message, typed by kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Payload {
+    Build(BuildPayload),
+    Task(TaskPayload),
+    Test(TestPayload),
+    Artifact(ArtifactPayload),
+    Log(LogPayload),
+}
+
+impl Payload {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Payload::Build(_) => Kind::Build,
+            Payload::Task(_) => Kind::Task,
+            Payload::Test(_) => Kind::Test,
+            Payload::Artifact(_) => Kind::Artifact,
+            Payload::Log(_) => Kind::Log,
+        }
+    }
+
+    pub fn common(&self) -> &Common {
+        match self {
+            Payload::Build(p) => &p.common,
+            Payload::Task(p) => &p.common,
+            Payload::Test(p) => &p.common,
+            Payload::Artifact(p) => &p.common,
+            Payload::Log(p) => &p.common,
+        }
+    }
+
+    pub fn common_mut(&mut self) -> &mut Common {
+        match self {
+            Payload::Build(p) => &mut p.common,
+            Payload::Task(p) => &mut p.common,
+            Payload::Test(p) => &mut p.common,
+            Payload::Artifact(p) => &mut p.common,
+            Payload::Log(p) => &mut p.common,
+        }
+    }
+
+    /// The state word of this payload (part of the message id and of CloudEvents' type).
+    pub fn state(&self) -> String {
+        match self {
+            Payload::Build(p) => p.state.as_str().to_string(),
+            Payload::Task(p) => p.outcome.as_str().to_string(),
+            Payload::Test(p) => p.status.clone(),
+            Payload::Artifact(_) => "produced".to_string(),
+            Payload::Log(p) => p.level.as_str().to_string(),
+        }
+    }
+
+    /// The kind-specific words after the five common ones.
+    fn key_tail(&self) -> Vec<Option<&str>> {
+        match self {
+            Payload::Build(p) => vec![Some(p.state.as_str()), p.result.map(BuildResult::as_str)],
+            Payload::Task(p) => vec![
+                Some(p.outcome.as_str()),
+                Some(p.target.as_str()),
+                Some(p.task.as_str()),
+            ],
+            Payload::Test(p) => vec![Some(p.status.as_str()), Some(p.test.as_str())],
+            Payload::Artifact(p) => vec![Some(p.kind.as_str())],
+            Payload::Log(p) => vec![Some(p.level.as_str())],
+        }
+    }
+
+    /// The routing key of this payload (see [`routing`]).
+    pub fn routing_key(&self) -> String {
+        let c = self.common();
+        let mut words = vec![
+            c.tree.as_deref(),
+            c.platform.as_deref(),
+            c.buildtype.as_deref(),
+            c.product.as_deref(),
+            Some(c.system.as_str()),
+        ];
+        words.extend(self.key_tail());
+        routing::key(&words)
+    }
+}
+
+/// One message: `{"_meta": ..., "payload": ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Envelope {
+    #[serde(rename = "_meta")]
+    pub meta: Meta,
+    pub payload: Payload,
+}
+
+impl Envelope {
+    /// Wraps a payload: computes routing key and ids. `entity_parts` name the entity
+    /// within its build (e.g. target and task); they must not include the state.
+    pub fn new(
+        payload: Payload,
+        entity_parts: &[&str],
+        source: SourceMeta,
+        exchange_prefix: &str,
+    ) -> Envelope {
+        let kind = payload.kind();
+        let c = payload.common();
+        let entity_id = ids::entity_id(&c.system, &c.build_id, kind.as_str(), entity_parts);
+        let state = payload.state();
+        Envelope {
+            meta: Meta {
+                exchange: kind.exchange(exchange_prefix),
+                routing_key: payload.routing_key(),
+                message_id: ids::message_id(&entity_id, &state),
+                entity_id,
+                kind,
+                state,
+                schema: kind.schema(),
+                sent: super::time::now(),
+                serializer: "json".to_string(),
+                source,
+            },
+            payload,
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.meta.kind
+    }
+
+    /// The JSON bytes sent on the bus.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain structs of strings, numbers and maps with string keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses an envelope from JSON, typing the payload by `_meta.kind`.
+    pub fn from_json(bytes: &[u8]) -> Result<Envelope, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(rename = "_meta")]
+            meta: Meta,
+            payload: serde_json::Value,
+        }
+        let raw: Raw = serde_json::from_slice(bytes)?;
+        let p = raw.payload;
+        let payload = match raw.meta.kind {
+            Kind::Build => Payload::Build(serde_json::from_value(p)?),
+            Kind::Task => Payload::Task(serde_json::from_value(p)?),
+            Kind::Test => Payload::Test(serde_json::from_value(p)?),
+            Kind::Artifact => Payload::Artifact(serde_json::from_value(p)?),
+            Kind::Log => Payload::Log(serde_json::from_value(p)?),
+        };
+        Ok(Envelope {
+            meta: raw.meta,
+            payload,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let bytes = serde_json::to_vec(&v).map_err(serde::de::Error::custom)?;
+        Envelope::from_json(&bytes).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,181 @@
+//! Routing keys: fixed-position, Pulse-style topic keys, and the escaping that keeps
+//! every value one word.
+//!
+//! Every key starts with `<tree>.<platform>.<buildtype>.<product>.<system>` and goes on
+//! with words that depend on the kind (see `schemas/README.md`):
+//!
+//! | kind     | key                                                        |
+//! |----------|------------------------------------------------------------|
+//! | build    | `<common>.<state>.<result>`                                |
+//! | task     | `<common>.<outcome>.<target>.<task>`                       |
+//! | test     | `<common>.<status>.<test>`                                 |
+//! | artifact | `<common>.<kind>`                                          |
+//! | log      | `<common>.<level>`                                         |
+//!
+//! Escaping is reversible percent-encoding of the bytes that mean something to AMQP
+//! topic matching or to us: `.` `*` `#` `%` `~`, white space and control characters; an
+//! absent value is the word `_`, and a value that *is* `_` (or empty) is escaped as `%5F`
+//! (or `%00` for empty) so the two never meet. A key longer than 255 bytes is shortened
+//! deterministically: its longest words are cut and get a `~` plus a 16-hex-digit hash of
+//! the whole word, so positions never move and a shortened word is recognizable (`~`
+//! never appears in an escaped word).
+
+use super::ids::short_hash;
+
+/// The AMQP limit on routing keys (a short string).
+pub const MAX_KEY_BYTES: usize = 255;
+/// The word that stands for an absent value.
+pub const ABSENT: &str = "_";
+/// The longest a shortened word is allowed to stay before it gets cut further.
+const MIN_CUT_WORD: usize = 24;
+
+fn needs_escape(c: char) -> bool {
+    matches!(c, '.' | '*' | '#' | '%' | '~') || c.is_whitespace() || c.is_control()
+}
+
+/// Escapes one value into one routing-key word; `None` becomes `_`.
+pub fn escape_word(value: Option<&str>) -> String {
+    let Some(v) = value else {
+        return ABSENT.to_string();
+    };
+    if v.is_empty() {
+        return "%00".to_string();
+    }
+    if v == ABSENT {
+        return "%5F".to_string();
+    }
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        if needs_escape(c) {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Reverses [`escape_word`]: `_` gives `None`. A shortened word (one holding `~`) or a
+/// malformed escape gives `Err` with the word.
+pub fn unescape_word(word: &str) -> Result<Option<String>, String> {
+    if word == ABSENT {
+        return Ok(None);
+    }
+    if word == "%00" {
+        return Ok(Some(String::new()));
+    }
+    if word.contains('~') {
+        return Err(format!("routing-key word {word:?} was shortened and cannot be reversed"));
+    }
+    let bytes = word.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = word
+                .get(i + 1..i + 3)
+                .ok_or_else(|| format!("truncated escape in {word:?}"))?;
+            let b = u8::from_str_radix(hex, 16).map_err(|_| format!("bad escape in {word:?}"))?;
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map(Some)
+        .map_err(|_| format!("escape in {word:?} is not UTF-8"))
+}
+
+/// Joins already-escaped words into a key no longer than [`MAX_KEY_BYTES`].
+pub fn join_words(mut words: Vec<String>) -> String {
+    let total = |w: &[String]| w.iter().map(String::len).sum::<usize>() + w.len().saturating_sub(1);
+    while total(&words) > MAX_KEY_BYTES {
+        // Cut the longest word that is still longer than a cut word would be.
+        let (idx, len) = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (i, w.len()))
+            .max_by_key(|&(i, l)| (l, std::cmp::Reverse(i)))
+            .unwrap_or((0, 0));
+        let over = total(&words) - MAX_KEY_BYTES;
+        // A cut word is `prefix~hash16`; keep as much prefix as the budget allows.
+        let keep = len.saturating_sub(over + 17).max(MIN_CUT_WORD.saturating_sub(17));
+        if len <= keep + 17 {
+            // Nothing left to gain on this word (every word is already minimal); give up
+            // shortening: the caller gets the best effort, still deterministic.
+            break;
+        }
+        let word = &words[idx];
+        let mut cut = keep.min(word.len());
+        // Stay on a char boundary and never split a %XX escape.
+        while cut > 0 && !word.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        if let Some(p) = word[..cut].rfind('%') {
+            if p + 3 > cut {
+                cut = p;
+            }
+        }
+        words[idx] = format!("{}~{}", &word[..cut], short_hash(word));
+    }
+    words.join(".")
+}
+
+/// Builds a key from optional raw values: escapes each, then joins and shortens.
+pub fn key(values: &[Option<&str>]) -> String {
+    join_words(values.iter().map(|v| escape_word(*v)).collect())
+}
+
+/// Splits a key back into its words, unescaped (`None` for `_`).
+pub fn split_key(key: &str) -> Vec<Result<Option<String>, String>> {
+    key.split('.').map(unescape_word).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_is_reversible() {
+        for v in ["a.b", "//app:config", "*#%~", "x y", "_", "", "ünï.cødé", "a%2Eb"] {
+            let w = escape_word(Some(v));
+            assert!(!w.contains('.') && !w.contains('*') && !w.contains('#'), "{w}");
+            assert_eq!(unescape_word(&w).unwrap().as_deref(), Some(v));
+        }
+        assert_eq!(escape_word(None), "_");
+        assert_eq!(unescape_word("_").unwrap(), None);
+    }
+
+    #[test]
+    fn long_keys_are_shortened_deterministically() {
+        let long = "x".repeat(400);
+        let k = key(&[Some("tree"), Some(&long), None, Some("y.z")]);
+        assert!(k.len() <= MAX_KEY_BYTES, "{}", k.len());
+        assert_eq!(k, key(&[Some("tree"), Some(&long), None, Some("y.z")]));
+        let words: Vec<&str> = k.split('.').collect();
+        assert_eq!(words.len(), 4);
+        assert_eq!(words[0], "tree");
+        assert!(words[1].contains('~'));
+        assert_eq!(words[2], "_");
+        assert_eq!(words[3], "y%2Ez");
+        // Two different long values stay different.
+        let other = format!("{}y", "x".repeat(399));
+        assert_ne!(k, key(&[Some("tree"), Some(&other), None, Some("y.z")]));
+    }
+
+    #[test]
+    fn shortening_never_splits_escapes() {
+        let v = ".".repeat(200);
+        let k = key(&[Some(&v), Some(&v)]);
+        assert!(k.len() <= MAX_KEY_BYTES);
+        for w in k.split('.') {
+            let prefix = w.split('~').next().unwrap();
+            assert_eq!(prefix.len() % 3, 0, "{w}");
+        }
+    }
+}

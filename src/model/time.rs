@@ -1,0 +1,62 @@
+//! Timestamps: the one place that turns build-system clocks into RFC 3339 strings.
+//!
+//! Every timestamp in a payload is an RFC 3339 string in UTC with millisecond
+//! precision (`2026-11-21T10:56:18.674Z`), so text order equals time order.
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+
+/// Milliseconds since the Unix epoch as RFC 3339, or `None` when out of range.
+pub fn from_millis(ms: i64) -> Option<String> {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+/// Seconds (with fraction) since the Unix epoch, as BitBake's `time.time()` gives them.
+pub fn from_secs_f64(secs: f64) -> Option<String> {
+    if !secs.is_finite() {
+        return None;
+    }
+    let ms = (secs * 1000.0).round();
+    if ms.abs() > 1e15 {
+        return None;
+    }
+    from_millis(ms as i64)
+}
+
+/// Seconds and nanoseconds, as a protobuf `Timestamp` carries them.
+pub fn from_secs_nanos(secs: i64, nanos: i32) -> Option<String> {
+    let ms = secs.checked_mul(1000)?.checked_add(i64::from(nanos) / 1_000_000)?;
+    from_millis(ms)
+}
+
+/// The current time, for `_meta.sent`.
+pub fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Parses an RFC 3339 timestamp back to milliseconds since the epoch.
+pub fn to_millis(ts: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(ts)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_round_trip() {
+        let s = from_millis(1_795_258_578_674).unwrap();
+        assert_eq!(s, "2026-11-21T10:56:18.674Z");
+        assert_eq!(to_millis(&s), Some(1_795_258_578_674));
+    }
+
+    #[test]
+    fn out_of_range_is_none() {
+        assert_eq!(from_millis(i64::MAX), None);
+        assert_eq!(from_secs_f64(f64::NAN), None);
+        assert_eq!(from_secs_nanos(i64::MAX, 0), None);
+    }
+}
