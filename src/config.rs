@@ -174,11 +174,18 @@ impl Config {
         Config::parse(DEFAULT_TOML, "<built-in>").unwrap_or_default()
     }
 
+    /// Parses a configuration file. It is laid over the built-in defaults: a table it
+    /// leaves out, or a key it does not set, keeps its default; a list it sets replaces
+    /// the default list.
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let perr = |e: toml::de::Error| ConfigError::Parse {
             path: path.to_string(),
             message: e.to_string(),
-        })?;
+        };
+        let mut base: toml::Table = toml::from_str(DEFAULT_TOML).map_err(perr)?;
+        let user: toml::Table = toml::from_str(text).map_err(perr)?;
+        merge(&mut base, user);
+        let cfg: Config = toml::Value::Table(base).try_into().map_err(perr)?;
         // Validate patterns now, so a bad one is reported with the file it came from.
         crate::evt::redact::Redactor::new(&cfg.redaction).map_err(|(pattern, message)| {
             ConfigError::Pattern {
@@ -205,6 +212,18 @@ impl Config {
     }
 }
 
+/// Lays `top` over `base`, table by table.
+fn merge(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +234,14 @@ mod tests {
         assert_eq!(c.bazel.derive.revision[0], "status:BUILD_SCM_REVISION");
         assert!(c.redaction.options.contains(&"client_env".to_string()));
         assert_eq!(c.limits.max_event_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn a_file_overrides_only_what_it_says() {
+        let c = Config::parse("[bazel.derive]\ntree = [\"literal:x\"]\n", "f.toml").unwrap();
+        assert_eq!(c.bazel.derive.tree, vec!["literal:x"]);
+        assert_eq!(c.bazel.derive.platform, Config::builtin().bazel.derive.platform);
+        assert_eq!(c.redaction, Config::builtin().redaction);
     }
 
     #[test]

@@ -155,6 +155,23 @@ impl<R: BufRead> Framer<R> {
         })
     }
 
+    /// Says what the partial frame at the end of the data is missing.
+    pub fn describe_partial(&self) -> String {
+        match (self.framing, self.want, self.discarding) {
+            (_, _, Some((left, size))) => {
+                format!("the input ends inside an oversized event of {size} bytes ({left} bytes missing)")
+            }
+            (Framing::Varint, Some(want), None) => format!(
+                "the input ends {} bytes into an event of {want} bytes",
+                self.buf.len()
+            ),
+            (Framing::Varint, None, None) => "the input ends inside an event's length prefix".to_string(),
+            (Framing::JsonLines, _, None) => {
+                format!("the last line ({} bytes) has no end of line", self.buf.len())
+            }
+        }
+    }
+
     /// The next frame, skipped frame, end of data or failure.
     pub fn next_frame(&mut self) -> Next {
         match self.framing {
@@ -390,16 +407,16 @@ mod tests {
 
     #[test]
     fn follow_resumes_a_partial_frame() {
-        use std::io::{Seek, SeekFrom, Write};
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(b"{\"a\":1}\n{\"b\"").unwrap();
-        file.seek(SeekFrom::Start(0)).unwrap();
-        let reader = std::io::BufReader::new(file.try_clone().unwrap());
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("growing.json");
+        let mut w = std::fs::File::create(&path).unwrap();
+        w.write_all(b"{\"a\":1}\n{\"b\"").unwrap();
+        let reader = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
         let mut f = Framer::new(reader, Framing::JsonLines, "t", 100);
         assert!(matches!(f.next_frame(), Next::Frame(_)));
         assert!(matches!(f.next_frame(), Next::End { partial: Some(_) }));
-        file.seek(SeekFrom::End(0)).unwrap();
-        file.write_all(b":2}\n").unwrap();
+        w.write_all(b":2}\n").unwrap();
         match f.next_frame() {
             Next::Frame(fr) => {
                 assert_eq!(fr.bytes, b"{\"b\":2}");

@@ -27,7 +27,7 @@ use crate::config::{Config, DeriveRules, FieldValues};
 use crate::model::Envelope;
 
 pub use error::{InputError, Position, Reason};
-pub use stream::{translate_file, Format, StreamReport};
+pub use stream::{translate_file, translate_reader, Format, StreamReport};
 
 /// Where translated messages go: called once per message, in order.
 pub type Emit<'a> = dyn FnMut(Envelope) + 'a;

@@ -7,7 +7,8 @@
 //!   `--client_env=HOME=<redacted>`: the variable name stays, its value goes);
 //! - the value of a `NAME=VALUE` pair, a metadata key or an option whose name matches a
 //!   `key_patterns` regex;
-//! - any part of any value matching a `value_patterns` regex (its `keep` group is kept).
+//! - any part of any value matching a `value_patterns` regex (its `keep` and `tail`
+//!   groups, where it has them, are kept around the redaction).
 
 use regex::Regex;
 
@@ -53,7 +54,7 @@ impl Redactor {
         for r in &self.values {
             if r.is_match(&out) {
                 out = std::borrow::Cow::Owned(
-                    r.replace_all(&out, format!("${{keep}}{REDACTED}").as_str())
+                    r.replace_all(&out, format!("${{keep}}{REDACTED}${{tail}}").as_str())
                         .into_owned(),
                 );
             }

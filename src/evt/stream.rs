@@ -144,8 +144,9 @@ pub fn pump<R: BufRead, T: Translator>(
     }
 }
 
-fn run<T: Translator>(
-    reader: BufReader<File>,
+#[allow(clippy::too_many_arguments)]
+fn run<R: BufRead, T: Translator>(
+    reader: R,
     format: Format,
     origin: &str,
     ctx: &Context,
@@ -180,11 +181,7 @@ fn run<T: Translator>(
             }
             None => {
                 report.incomplete = true;
-                let what = if p.bytes.is_empty() {
-                    "the input ends inside an event's length prefix or body".to_string()
-                } else {
-                    format!("the input ends after {} bytes of an event", p.bytes.len())
-                };
+                let what = framer.describe_partial();
                 report.errors.push(InputError::new(pos, Reason::Truncated(what)));
             }
         }
@@ -204,32 +201,53 @@ pub fn translate_file(
     out: &mut Emit<'_>,
 ) -> StreamReport {
     let origin = path.display().to_string();
-    let mut report = StreamReport {
-        origin: origin.clone(),
+    match File::open(path) {
+        Ok(f) => translate_reader(
+            BufReader::with_capacity(256 * 1024, f),
+            path,
+            format,
+            ctx,
+            out,
+        ),
+        Err(e) => failed(&origin, Reason::Io(e.to_string())),
+    }
+}
+
+fn failed(origin: &str, reason: Reason) -> StreamReport {
+    StreamReport {
+        origin: origin.to_string(),
+        incomplete: true,
+        errors: vec![InputError::whole(origin, reason)],
         ..Default::default()
-    };
-    let fail = |mut report: StreamReport, reason: Reason| {
-        report.incomplete = true;
-        report.errors.push(InputError::whole(&report.origin.clone(), reason));
-        report
-    };
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) => return fail(report, Reason::Io(e.to_string())),
-    };
-    let mut reader = BufReader::with_capacity(256 * 1024, file);
+    }
+}
+
+/// Translates everything `reader` gives; `name` names the input in errors and is used to
+/// detect the format when `format` is `None`.
+pub fn translate_reader<R: BufRead>(
+    mut reader: R,
+    name: &Path,
+    format: Option<Format>,
+    ctx: &Arc<Context>,
+    out: &mut Emit<'_>,
+) -> StreamReport {
+    let origin = name.display().to_string();
     let head = match reader.fill_buf() {
         Ok(h) => h.to_vec(),
-        Err(e) => return fail(report, Reason::Io(e.to_string())),
+        Err(e) => return failed(&origin, Reason::Io(e.to_string())),
     };
     if head.is_empty() {
-        return fail(report, Reason::Empty);
+        return failed(&origin, Reason::Empty);
     }
-    let format = match format.map(Ok).unwrap_or_else(|| Format::detect(path, &head)) {
+    let format = match format.map(Ok).unwrap_or_else(|| Format::detect(name, &head)) {
         Ok(f) => f,
-        Err(r) => return fail(report, r),
+        Err(r) => return failed(&origin, r),
     };
-    report.format = Some(format);
+    let mut report = StreamReport {
+        origin: origin.clone(),
+        format: Some(format),
+        ..Default::default()
+    };
     let source = SourceMeta {
         system: format.system().to_string(),
         format: format.name().to_string(),

@@ -1,1 +1,10 @@
+//! All integration tests in one binary (one link, shared helpers in `harness`).
+//!
+//! Every test runs on the real recorded streams in `tests/fixtures/` and asserts real
+//! outcomes: counts, fields, ids, exit codes and error positions.
 
+mod harness;
+
+mod bazel;
+mod cli;
+mod fuzz;

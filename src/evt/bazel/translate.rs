@@ -326,7 +326,7 @@ impl BazelTranslator {
             .as_ref()
             .or(self.build.unstructured_cmd.as_ref())?;
         let r = &self.ctx.redactor;
-        Some(args.iter().map(|a| r.arg(a)).collect::<Vec<_>>().join(" "))
+        Some(args.iter().filter(|a| !a.is_empty()).map(|a| r.arg(a)).collect::<Vec<_>>().join(" "))
     }
 
     fn build_payload(&self, state: BuildState) -> BuildPayload {

@@ -1,0 +1,165 @@
+//! The `translate` command line: output, exit status, and bad input with positions.
+
+use std::io::Write;
+
+use crate::harness::*;
+
+#[test]
+fn translate_writes_envelopes_and_exits_zero_for_a_failed_build() {
+    let f = fixture("bazel/build_fail.json");
+    let o = buildbus(&["translate", f.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines = stdout_lines(&o);
+    assert_eq!(lines.len(), clean("bazel/build_fail.json").len());
+    let last = lines.last().unwrap();
+    assert_eq!(last["_meta"]["kind"], "build");
+    assert_eq!(last["payload"]["result"], "failure");
+}
+
+#[test]
+fn summary_is_readable() {
+    let o = buildbus(&[
+        "translate",
+        "--summary",
+        fixture("bazel/test_mixed.bin").to_str().unwrap(),
+        fixture("bazel/interrupted.json").to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let s = String::from_utf8(o.stdout).unwrap();
+    assert!(s.contains("result:   failure (exit 3)"), "{s}");
+    assert!(s.contains("tests:    failed 1, flaky 1, passed 2"), "{s}");
+    assert!(s.contains("test flaky: //tests:flaky_test"), "{s}");
+    assert!(s.contains("result:   interrupted (exit 8)"), "{s}");
+    assert!(s.contains("not_executed: //slow:sleepy_too"), "{s}");
+}
+
+#[test]
+fn env_and_flags_override_fields() {
+    let f = fixture("bazel/build_ok.json");
+    let o = buildbus_env(
+        &["translate", "--platform", "linux64", f.to_str().unwrap()],
+        &[("BUILDBUS_TREE", "envtree"), ("BUILDBUS_TAGS", "a,b")],
+    );
+    assert!(o.status.success());
+    for l in stdout_lines(&o) {
+        assert_eq!(l["payload"]["tree"], "envtree");
+        assert_eq!(l["payload"]["platform"], "linux64");
+        assert_eq!(l["payload"]["tags"], serde_json::json!(["a", "b"]));
+    }
+}
+
+#[test]
+fn help_has_examples() {
+    for args in [vec!["--help"], vec!["translate", "--help"]] {
+        let o = buildbus(&args);
+        assert!(o.status.success());
+        let s = String::from_utf8(o.stdout).unwrap();
+        assert!(s.contains("Usage"), "{s}");
+    }
+    let s = String::from_utf8(buildbus(&["translate", "--help"]).stdout).unwrap();
+    assert!(s.contains("Examples:") && s.contains("Exit status"), "{s}");
+}
+
+/// Writes `bytes` to a file in a temp dir and translates it.
+fn translate_bytes(name: &str, bytes: &[u8], extra: &[&str]) -> (std::process::Output, Vec<serde_json::Value>, String) {
+    let dir = tempdir();
+    let p = dir.path().join(name);
+    std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+    let mut args = vec!["translate"];
+    args.extend_from_slice(extra);
+    args.push(p.to_str().unwrap());
+    let o = buildbus(&args);
+    let lines = stdout_lines(&o);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    (o, lines, err)
+}
+
+fn kinds(lines: &[serde_json::Value]) -> Vec<String> {
+    lines.iter().map(|l| l["_meta"]["kind"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn truncated_binary_keeps_what_came_before() {
+    let data = std::fs::read(fixture("bazel/build_ok.bin")).unwrap();
+    // Cut inside the last frames: everything up to the cut is still translated.
+    let cut = data.len() - 100;
+    let (o, lines, err) = translate_bytes("cut.bin", &data[..cut], &[]);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("cut.bin") && err.contains("event #") && err.contains("(byte ") && err.contains("truncated"), "{err}");
+    // The build finished (buildFinished came before the cut) but lastMessage is lost:
+    // the finished message still comes at the end of input, with all targets.
+    let k = kinds(&lines);
+    assert_eq!(k.iter().filter(|k| *k == "task").count(), 10, "{err}");
+    assert_eq!(lines.last().unwrap()["payload"]["result"], "success");
+    // Cut inside a length prefix: a different message, same behaviour.
+    let mut odd = data[..data.len()].to_vec();
+    odd.push(0x96);
+    let (o, lines, err) = translate_bytes("prefix.bin", &odd, &[]);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("length prefix"), "{err}");
+    assert_eq!(lines.len(), clean("bazel/build_ok.bin").len());
+}
+
+#[test]
+fn garbage_line_is_skipped_with_its_line_number() {
+    let text = std::fs::read_to_string(fixture("bazel/test_mixed.json")).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(5, "{this is not json");
+    lines.insert(9, "");
+    let data = lines.join("\n") + "\n";
+    let (o, out, err) = translate_bytes("garbage.json", data.as_bytes(), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("garbage.json: line 6 (byte ") && err.contains("invalid JSON"), "{err}");
+    // Everything else, before and after, is translated: the same messages as clean input.
+    assert_eq!(out.len(), clean("bazel/test_mixed.json").len(), "{err}");
+}
+
+#[test]
+fn invalid_utf8_and_oversized_lines() {
+    let text = std::fs::read(fixture("bazel/build_ok.json")).unwrap();
+    let mut data = b"{\"id\":{\"progress\":{}},\"progress\":{\"stderr\":\"\xff\xfe\"}}\n".to_vec();
+    data.extend_from_slice(&text);
+    let (o, out, err) = translate_bytes("utf8.json", &data, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("utf8.json: line 1 (byte 0): not valid UTF-8"), "{err}");
+    assert_eq!(out.len(), clean("bazel/build_ok.json").len());
+
+    // A 10 KB limit: the few large events are skipped with their line, the rest kept.
+    let dir = tempdir();
+    let cfg = dir.path().join("small.toml");
+    std::fs::write(&cfg, "[limits]\nmax_event_bytes = 10000\n").unwrap();
+    let (o, out, err) = translate_bytes("big.json", &text, &["--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("over the limit of 10000 bytes"), "{err}");
+    assert!(err.contains("big.json: line "), "{err}");
+    assert!(!out.is_empty());
+}
+
+#[test]
+fn empty_missing_and_unknown() {
+    let (o, out, err) = translate_bytes("empty.json", b"", &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(out.is_empty());
+    assert!(err.contains("empty.json") && err.contains("empty input"), "{err}");
+
+    let o = buildbus(&["translate", "/nonexistent/x.json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/x.json"));
+
+    // Event kinds from a newer Bazel: skipped and counted, not an error.
+    let text = std::fs::read_to_string(fixture("bazel/build_ok.json")).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(3, r#"{"id":{"fancyNewThing":{"x":"1"}},"fancyNewPayload":{"y":2}}"#);
+    let data = lines.join("\n") + "\n";
+    let (o, out, err) = translate_bytes("newer.json", data.as_bytes(), &[]);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("skipped 1 events"), "{err}");
+    assert_eq!(out.len(), clean("bazel/build_ok.json").len());
+
+    let (o, _, err) = translate_bytes("x.dat", b"\x00\x01\x02garbage", &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("cannot tell the format"), "{err}");
+
+    let o = buildbus(&["translate", "--format", "nope", "x"]);
+    assert_eq!(o.status.code(), Some(2));
+}
