@@ -240,7 +240,10 @@ mod tests {
     fn a_file_overrides_only_what_it_says() {
         let c = Config::parse("[bazel.derive]\ntree = [\"literal:x\"]\n", "f.toml").unwrap();
         assert_eq!(c.bazel.derive.tree, vec!["literal:x"]);
-        assert_eq!(c.bazel.derive.platform, Config::builtin().bazel.derive.platform);
+        assert_eq!(
+            c.bazel.derive.platform,
+            Config::builtin().bazel.derive.platform
+        );
         assert_eq!(c.redaction, Config::builtin().redaction);
     }
 
@@ -249,7 +252,10 @@ mod tests {
         let e = Config::parse("[fields]\ntre = \"x\"\n", "f.toml").unwrap_err();
         assert!(e.to_string().contains("f.toml"), "{e}");
         let e = Config::parse("[redaction]\nkey_patterns = [\"(\"]\n", "g.toml").unwrap_err();
-        assert!(e.to_string().contains("g.toml") && e.to_string().contains("\"(\""), "{e}");
+        assert!(
+            e.to_string().contains("g.toml") && e.to_string().contains("\"(\""),
+            "{e}"
+        );
     }
 
     #[test]

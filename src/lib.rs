@@ -24,8 +24,10 @@
 //! (storage workers: SQLite, PostgreSQL), `aam/` (artifact analysis), `client/` (filtered
 //! subscriptions and `buildbus monitor`).
 
+pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod evt;
+pub mod infra;
 pub mod model;
 pub mod report;

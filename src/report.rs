@@ -43,7 +43,9 @@ impl Summaries {
         match &env.payload {
             Payload::Build(b) if b.result.is_some() => s.finished = Some(b.clone()),
             Payload::Build(b) => s.started = Some(b.clone()),
-            Payload::Task(t) if matches!(t.outcome, TaskOutcome::Failed | TaskOutcome::NotExecuted) => {
+            Payload::Task(t)
+                if matches!(t.outcome, TaskOutcome::Failed | TaskOutcome::NotExecuted) =>
+            {
                 s.failed_tasks.push((
                     t.target.clone(),
                     t.task.clone(),
@@ -68,7 +70,10 @@ fn tally(m: &BTreeMap<String, u64>) -> String {
     if m.is_empty() {
         return "-".to_string();
     }
-    m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+    m.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl BuildSummary {
@@ -101,7 +106,10 @@ impl BuildSummary {
         match &self.finished {
             Some(f) => {
                 let result = f.result.map(|r| r.as_str()).unwrap_or("?");
-                let exit = f.exit_code.map(|c| format!(" (exit {c})")).unwrap_or_default();
+                let exit = f
+                    .exit_code
+                    .map(|c| format!(" (exit {c})"))
+                    .unwrap_or_default();
                 let dur = f
                     .duration_ms
                     .map(|d| format!(" in {:.2}s", d as f64 / 1000.0))
@@ -120,7 +128,10 @@ impl BuildSummary {
                 }
             }
             None => {
-                let _ = writeln!(o, "  result:   (no finished event: still running or cut off)");
+                let _ = writeln!(
+                    o,
+                    "  result:   (no finished event: still running or cut off)"
+                );
             }
         }
         let _ = writeln!(o, "  artifacts: {}", self.artifacts);

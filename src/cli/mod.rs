@@ -1,6 +1,8 @@
 //! The `buildbus` command line: argument parsing, logging set-up and one module per
 //! subcommand. `anyhow` is used here and nowhere else in the library.
 
+mod bench;
+mod publish;
 mod translate;
 
 use std::path::PathBuf;
@@ -11,7 +13,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, FieldValues};
 use crate::evt::Context;
 
-const ABOUT: &str = "buildbus: build events from BitBake and Bazel, as normalized messages on RabbitMQ";
+const ABOUT: &str =
+    "buildbus: build events from BitBake and Bazel, as normalized messages on RabbitMQ";
 
 #[derive(Debug, Parser)]
 #[command(name = "buildbus", version, about = ABOUT, long_about = None)]
@@ -35,6 +38,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Translate(translate::TranslateArgs),
+    Publish(publish::PublishArgs),
+    Setup(publish::SetupArgs),
+    Bench(bench::BenchArgs),
 }
 
 /// The Pulse fields as flags (and `BUILDBUS_*` variables): they win over the config.
@@ -59,7 +65,12 @@ pub struct FieldArgs {
     #[arg(long, env = "BUILDBUS_BRANCH", value_name = "BRANCH")]
     pub branch: Option<String>,
     /// A tag added to every message (repeatable; BUILDBUS_TAGS takes a comma list).
-    #[arg(long = "tag", env = "BUILDBUS_TAGS", value_delimiter = ',', value_name = "TAG")]
+    #[arg(
+        long = "tag",
+        env = "BUILDBUS_TAGS",
+        value_delimiter = ',',
+        value_name = "TAG"
+    )]
     pub tags: Vec<String>,
 }
 
@@ -94,7 +105,10 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 /// Loads the configuration and resolves the translation context.
-pub(crate) fn context(config: Option<&std::path::Path>, fields: &FieldArgs) -> anyhow::Result<(Config, Context)> {
+pub(crate) fn context(
+    config: Option<&std::path::Path>,
+    fields: &FieldArgs,
+) -> anyhow::Result<(Config, Context)> {
     let cfg = Config::load(config)?;
     let ctx = Context::new(&cfg, &fields.values());
     Ok((cfg, ctx))
@@ -106,6 +120,9 @@ pub fn main() -> ExitCode {
     init_logging(cli.verbose, cli.quiet);
     let result = match &cli.command {
         Command::Translate(a) => translate::run(&cli, a),
+        Command::Publish(a) => publish::publish(&cli, a),
+        Command::Setup(a) => publish::setup(&cli, a),
+        Command::Bench(a) => bench::run(&cli, a),
     };
     match result {
         Ok(code) => code,

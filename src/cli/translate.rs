@@ -47,7 +47,7 @@ pub struct TranslateArgs {
 #[derive(Debug, Clone, Copy)]
 pub struct FormatArg(pub Option<Format>);
 
-fn parse_format(s: &str) -> Result<FormatArg, String> {
+pub(crate) fn parse_format(s: &str) -> Result<FormatArg, String> {
     Format::parse(s).map(FormatArg)
 }
 
@@ -100,5 +100,9 @@ pub fn run(cli: &Cli, a: &TranslateArgs) -> anyhow::Result<ExitCode> {
         }
     }
     w.flush().context("writing to stdout")?;
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

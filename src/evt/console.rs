@@ -15,7 +15,8 @@ use crate::model::LogLevel;
 static ANSI: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\x1b\[[0-9;?]*[ -/]*[@-~]").expect("static regex"));
 static PREFIXED: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^(?:[A-Z][A-Za-z ]{0,30}:(?:\s|$)|\[[0-9,]+ / [0-9,]+\]|//|@)").expect("static regex")
+    Regex::new(r"^(?:[A-Z][A-Za-z ]{0,30}:(?:\s|$)|\[[0-9,]+ / [0-9,]+\]|//|@)")
+        .expect("static regex")
 });
 static LABEL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r#"(?:^|[\s'"(])(@{0,2}[A-Za-z0-9_.~+-]*//[A-Za-z0-9_/.+~-]*:[^\s'"(),;]+)"#)
@@ -103,7 +104,13 @@ mod tests {
         );
         assert_eq!(r[1].level, LogLevel::Warning);
         assert_eq!(r[1].message, "Target pattern parsing failed.\n - /x");
-        assert_eq!(first_label(&r[0].message).as_deref(), Some("//broken:fails"));
-        assert_eq!(first_label("Skipping '//nonexistent:target': no such"), Some("//nonexistent:target".into()));
+        assert_eq!(
+            first_label(&r[0].message).as_deref(),
+            Some("//broken:fails")
+        );
+        assert_eq!(
+            first_label("Skipping '//nonexistent:target': no such"),
+            Some("//nonexistent:target".into())
+        );
     }
 }

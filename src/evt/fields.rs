@@ -125,7 +125,10 @@ mod tests {
 
     #[test]
     fn repo_names() {
-        assert_eq!(repo_name("https://example.invalid/acme/bep-fixture.git").as_deref(), Some("bep-fixture"));
+        assert_eq!(
+            repo_name("https://example.invalid/acme/bep-fixture.git").as_deref(),
+            Some("bep-fixture")
+        );
         assert_eq!(repo_name("git@github.com:acme/x").as_deref(), Some("x"));
         assert_eq!(repo_name("").as_deref(), None);
     }

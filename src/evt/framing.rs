@@ -41,7 +41,9 @@ pub enum Next {
     Skipped(InputError),
     /// No more data for now. `partial` is an incomplete frame at the end, kept inside
     /// the framer; `None` means the data ended on a frame boundary.
-    End { partial: Option<Frame> },
+    End {
+        partial: Option<Frame>,
+    },
     /// The reader failed; framing cannot go on.
     Failed(InputError),
 }
@@ -165,9 +167,14 @@ impl<R: BufRead> Framer<R> {
                 "the input ends {} bytes into an event of {want} bytes",
                 self.buf.len()
             ),
-            (Framing::Varint, None, None) => "the input ends inside an event's length prefix".to_string(),
+            (Framing::Varint, None, None) => {
+                "the input ends inside an event's length prefix".to_string()
+            }
             (Framing::JsonLines, _, None) => {
-                format!("the last line ({} bytes) has no end of line", self.buf.len())
+                format!(
+                    "the last line ({} bytes) has no end of line",
+                    self.buf.len()
+                )
             }
         }
     }
@@ -306,7 +313,9 @@ impl<R: BufRead> Framer<R> {
                 }
                 let mut len: u64 = 0;
                 for (i, byte) in self.buf.iter().enumerate() {
-                    len |= u64::from(byte & 0x7f).checked_shl(7 * i as u32).unwrap_or(0);
+                    len |= u64::from(byte & 0x7f)
+                        .checked_shl(7 * i as u32)
+                        .unwrap_or(0);
                 }
                 self.buf.clear();
                 if len > self.limit {
@@ -347,7 +356,11 @@ mod tests {
     use super::*;
     use std::io::Cursor;
 
-    fn frames(data: &[u8], framing: Framing, limit: u64) -> (Vec<Frame>, Vec<InputError>, Option<Frame>) {
+    fn frames(
+        data: &[u8],
+        framing: Framing,
+        limit: u64,
+    ) -> (Vec<Frame>, Vec<InputError>, Option<Frame>) {
         let mut f = Framer::new(Cursor::new(data.to_vec()), framing, "t", limit);
         let (mut ok, mut bad) = (vec![], vec![]);
         loop {
@@ -365,7 +378,8 @@ mod tests {
 
     #[test]
     fn lines_with_blank_and_partial() {
-        let (ok, bad, partial) = frames(b"{\"a\":1}\n\n{\"b\":2}\r\n{\"c\"", Framing::JsonLines, 100);
+        let (ok, bad, partial) =
+            frames(b"{\"a\":1}\n\n{\"b\":2}\r\n{\"c\"", Framing::JsonLines, 100);
         assert_eq!(ok.len(), 2);
         assert_eq!(ok[1].bytes, b"{\"b\":2}");
         assert_eq!(ok[1].index, 3);
@@ -386,7 +400,13 @@ mod tests {
         assert_eq!(ok[1].index, 3);
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].pos.line, Some(2));
-        assert!(matches!(bad[0].reason, Reason::Oversized { size: 50, limit: 10 }));
+        assert!(matches!(
+            bad[0].reason,
+            Reason::Oversized {
+                size: 50,
+                limit: 10
+            }
+        ));
         assert!(partial.is_none());
     }
 
@@ -397,7 +417,10 @@ mod tests {
         data.extend(vec![b'z'; 20]);
         data.extend([2, b'x', b'y', 0x85]);
         let (ok, bad, partial) = frames(&data, Framing::Varint, 10);
-        assert_eq!(ok.iter().map(|f| f.bytes.clone()).collect::<Vec<_>>(), vec![b"abc".to_vec(), vec![], b"xy".to_vec()]);
+        assert_eq!(
+            ok.iter().map(|f| f.bytes.clone()).collect::<Vec<_>>(),
+            vec![b"abc".to_vec(), vec![], b"xy".to_vec()]
+        );
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].pos.event, Some(3));
         assert_eq!(ok[2].index, 4);

@@ -27,7 +27,9 @@ use crate::config::{Config, DeriveRules, FieldValues};
 use crate::model::Envelope;
 
 pub use error::{InputError, Position, Reason};
-pub use stream::{translate_file, translate_reader, Format, StreamReport};
+pub use stream::{
+    read_file, translate_file, translate_reader, Follow, Format, Progress, Sink, StreamReport,
+};
 
 /// Where translated messages go: called once per message, in order.
 pub type Emit<'a> = dyn FnMut(Envelope) + 'a;
@@ -39,6 +41,9 @@ pub trait Translator {
     fn event(&mut self, ev: Self::Event, out: &mut Emit<'_>);
     /// The stream ended: emits whatever is still held.
     fn finish(&mut self, out: &mut Emit<'_>);
+    /// Whether the stream said it is complete (Bazel's `lastMessage`), so a follower
+    /// can stop waiting for more.
+    fn complete(&self) -> bool;
 }
 
 /// Everything a translator needs from the configuration, resolved once.

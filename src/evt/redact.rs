@@ -34,7 +34,11 @@ impl Redactor {
                 .iter()
                 .map(|o| o.trim_start_matches('-').to_string())
                 .collect(),
-            keys: cfg.key_patterns.iter().map(compile).collect::<Result<_, _>>()?,
+            keys: cfg
+                .key_patterns
+                .iter()
+                .map(compile)
+                .collect::<Result<_, _>>()?,
             values: cfg
                 .value_patterns
                 .iter()
@@ -107,12 +111,18 @@ mod tests {
     #[test]
     fn client_env_values_never_leave() {
         let r = r();
-        assert_eq!(r.arg("--client_env=HOME=/home/bzl"), "--client_env=HOME=<redacted>");
+        assert_eq!(
+            r.arg("--client_env=HOME=/home/bzl"),
+            "--client_env=HOME=<redacted>"
+        );
         assert_eq!(
             r.arg("--remote_header=Authorization=Bearer abc"),
             "--remote_header=Authorization=<redacted>"
         );
-        assert_eq!(r.arg("--action_env=GITHUB_TOKEN=xyz"), "--action_env=GITHUB_TOKEN=<redacted>");
+        assert_eq!(
+            r.arg("--action_env=GITHUB_TOKEN=xyz"),
+            "--action_env=GITHUB_TOKEN=<redacted>"
+        );
         assert_eq!(r.arg("--action_env=PATH=/bin"), "--action_env=PATH=/bin");
         assert_eq!(r.arg("//app/..."), "//app/...");
     }
@@ -124,7 +134,10 @@ mod tests {
             r.value("https://bob:hunter2@git.example/x.git"),
             "https://<redacted>@git.example/x.git"
         );
-        assert_eq!(r.value("Authorization: Bearer abc.def"), "Authorization: Bearer <redacted>");
+        assert_eq!(
+            r.value("Authorization: Bearer abc.def"),
+            "Authorization: Bearer <redacted>"
+        );
         assert_eq!(r.keyed("API_KEY", "1234"), REDACTED);
         assert_eq!(r.keyed("BRANCH", "main"), "main");
     }

@@ -8,13 +8,15 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::bazel::{codec, BazelTranslator};
 use super::error::{InputError, Reason};
 use super::framing::{Framer, Framing, Next};
 use super::{Context, Emit, Translator};
-use crate::model::SourceMeta;
+use crate::model::{Envelope, SourceMeta};
 
 /// The input formats buildbus reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,7 +54,9 @@ impl Format {
             "auto" => Ok(None),
             "bep-json" => Ok(Some(Format::BepJson)),
             "bep-binary" => Ok(Some(Format::BepBinary)),
-            other => Err(format!("unknown format {other:?} (auto, bep-json, bep-binary)")),
+            other => Err(format!(
+                "unknown format {other:?} (auto, bep-json, bep-binary)"
+            )),
         }
     }
 
@@ -106,19 +110,40 @@ impl StreamReport {
     }
 }
 
+/// What a reader reports, in order.
+#[derive(Debug)]
+pub enum Progress {
+    /// A message, with the byte offset just past the event whose processing emitted it.
+    Message(Box<Envelope>, u64),
+    /// Every message emitted while processing the events up to this offset has been
+    /// reported (the reader reached the end of the data for now, or of the input).
+    Through(u64),
+}
+
+/// Decodes one framed event.
+pub type Decoder<E> = dyn Fn(&[u8]) -> Result<E, Reason>;
+
+/// Where a reader reports to.
+pub type Sink<'a> = dyn FnMut(Progress) + 'a;
+
+/// How a stream is followed while it grows (`publish --follow`).
+#[derive(Debug, Clone)]
+pub struct Follow {
+    /// How long to wait for more data before looking again.
+    pub poll: Duration,
+    /// Set from outside (Ctrl-C) to stop following.
+    pub stop: Arc<AtomicBool>,
+}
+
 /// Feeds framed events to a translator until the data ends; returns the partial frame
 /// left at the end (if any), for the caller to judge (a follower waits for more).
 pub fn pump<R: BufRead, T: Translator>(
     framer: &mut Framer<R>,
-    decode: &dyn Fn(&[u8]) -> Result<T::Event, Reason>,
+    decode: &Decoder<T::Event>,
     tr: &mut T,
     report: &mut StreamReport,
-    out: &mut Emit<'_>,
+    out: &mut Sink<'_>,
 ) -> Option<super::framing::Frame> {
-    let mut count = |env| {
-        report.messages += 1;
-        out(env)
-    };
     loop {
         match framer.next_frame() {
             Next::Frame(f) => {
@@ -126,6 +151,11 @@ pub fn pump<R: BufRead, T: Translator>(
                 match decode(&f.bytes) {
                     Ok(ev) => {
                         report.events += 1;
+                        let end = f.end;
+                        let mut count = |env| {
+                            report.messages += 1;
+                            out(Progress::Message(Box::new(env), end))
+                        };
                         tr.event(ev, &mut count);
                     }
                     Err(reason) => report
@@ -144,19 +174,43 @@ pub fn pump<R: BufRead, T: Translator>(
     }
 }
 
+/// Runs a whole input through `tr`: to its end, or (following) until the translator
+/// says the stream is complete or `stop` is set.
 #[allow(clippy::too_many_arguments)]
 fn run<R: BufRead, T: Translator>(
     reader: R,
     format: Format,
     origin: &str,
     ctx: &Context,
-    decode: &dyn Fn(&[u8]) -> Result<T::Event, Reason>,
+    decode: &Decoder<T::Event>,
     tr: &mut T,
     report: &mut StreamReport,
-    out: &mut Emit<'_>,
+    follow: Option<&Follow>,
+    out: &mut Sink<'_>,
 ) {
     let mut framer = Framer::new(reader, format.framing(), origin, ctx.max_event_bytes);
-    let partial = pump(&mut framer, decode, tr, report, out);
+    let partial = loop {
+        let partial = pump(&mut framer, decode, tr, report, out);
+        let Some(f) = follow else { break partial };
+        if report.incomplete || tr.complete() || f.stop.load(Ordering::Relaxed) {
+            break partial;
+        }
+        out(Progress::Through(report.end_offset));
+        if let Ok(meta) = std::fs::metadata(origin) {
+            if meta.len() < framer.offset() {
+                report.incomplete = true;
+                report.errors.push(InputError::new(
+                    framer.position(framer.offset(), 0),
+                    Reason::Io(format!(
+                        "the file shrank to {} bytes while followed",
+                        meta.len()
+                    )),
+                ));
+                break None;
+            }
+        }
+        std::thread::sleep(f.poll);
+    };
     if let Some(p) = partial {
         let pos = framer.position(p.start, p.index);
         // A last JSON line without its newline is fine if it is complete.
@@ -166,9 +220,10 @@ fn run<R: BufRead, T: Translator>(
             Some(Ok(ev)) => {
                 report.events += 1;
                 report.end_offset = p.end;
+                let end = p.end;
                 let mut count = |env| {
                     report.messages += 1;
-                    out(env)
+                    out(Progress::Message(Box::new(env), end))
                 };
                 tr.event(ev, &mut count);
             }
@@ -182,15 +237,19 @@ fn run<R: BufRead, T: Translator>(
             None => {
                 report.incomplete = true;
                 let what = framer.describe_partial();
-                report.errors.push(InputError::new(pos, Reason::Truncated(what)));
+                report
+                    .errors
+                    .push(InputError::new(pos, Reason::Truncated(what)));
             }
         }
     }
+    let end = report.end_offset;
     let mut count = |env| {
         report.messages += 1;
-        out(env)
+        out(Progress::Message(Box::new(env), end))
     };
     tr.finish(&mut count);
+    out(Progress::Through(end));
 }
 
 /// Translates one file. `format: None` detects it.
@@ -200,17 +259,46 @@ pub fn translate_file(
     ctx: &Arc<Context>,
     out: &mut Emit<'_>,
 ) -> StreamReport {
+    read_file(path, format, ctx, None, &mut |p| {
+        if let Progress::Message(env, _) = p {
+            out(*env)
+        }
+    })
+}
+
+/// Translates one file, giving each message with the offset just past the event that
+/// completed it; `follow` keeps reading as the file grows.
+pub fn read_file(
+    path: &Path,
+    format: Option<Format>,
+    ctx: &Arc<Context>,
+    follow: Option<&Follow>,
+    out: &mut Sink<'_>,
+) -> StreamReport {
     let origin = path.display().to_string();
-    match File::open(path) {
-        Ok(f) => translate_reader(
-            BufReader::with_capacity(256 * 1024, f),
-            path,
-            format,
-            ctx,
-            out,
-        ),
-        Err(e) => failed(&origin, Reason::Io(e.to_string())),
+    let file = loop {
+        match File::open(path) {
+            Ok(f) => break f,
+            // A followed file may not exist yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && follow.is_some() => {
+                let f = follow.unwrap_or_else(|| unreachable!());
+                if f.stop.load(Ordering::Relaxed) {
+                    return failed(&origin, Reason::Io(e.to_string()));
+                }
+                std::thread::sleep(f.poll);
+            }
+            Err(e) => return failed(&origin, Reason::Io(e.to_string())),
+        }
+    };
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
+    if let Some(f) = follow {
+        // Wait for the first bytes, to tell the format.
+        while matches!(reader.fill_buf(), Ok(b) if b.is_empty()) && !f.stop.load(Ordering::Relaxed)
+        {
+            std::thread::sleep(f.poll);
+        }
     }
+    drive(reader, path, format, ctx, follow, out)
 }
 
 fn failed(origin: &str, reason: Reason) -> StreamReport {
@@ -225,11 +313,26 @@ fn failed(origin: &str, reason: Reason) -> StreamReport {
 /// Translates everything `reader` gives; `name` names the input in errors and is used to
 /// detect the format when `format` is `None`.
 pub fn translate_reader<R: BufRead>(
-    mut reader: R,
+    reader: R,
     name: &Path,
     format: Option<Format>,
     ctx: &Arc<Context>,
     out: &mut Emit<'_>,
+) -> StreamReport {
+    drive(reader, name, format, ctx, None, &mut |p| {
+        if let Progress::Message(env, _) = p {
+            out(*env)
+        }
+    })
+}
+
+fn drive<R: BufRead>(
+    mut reader: R,
+    name: &Path,
+    format: Option<Format>,
+    ctx: &Arc<Context>,
+    follow: Option<&Follow>,
+    out: &mut Sink<'_>,
 ) -> StreamReport {
     let origin = name.display().to_string();
     let head = match reader.fill_buf() {
@@ -239,7 +342,10 @@ pub fn translate_reader<R: BufRead>(
     if head.is_empty() {
         return failed(&origin, Reason::Empty);
     }
-    let format = match format.map(Ok).unwrap_or_else(|| Format::detect(name, &head)) {
+    let format = match format
+        .map(Ok)
+        .unwrap_or_else(|| Format::detect(name, &head))
+    {
         Ok(f) => f,
         Err(r) => return failed(&origin, r),
     };
@@ -261,15 +367,26 @@ pub fn translate_reader<R: BufRead>(
                 Format::BepJson => &codec::decode_json,
                 _ => &codec::decode_binary,
             };
-            run(reader, format, &origin, ctx, decode, &mut tr, &mut report, out);
+            run(
+                reader,
+                format,
+                &origin,
+                ctx,
+                decode,
+                &mut tr,
+                &mut report,
+                follow,
+                out,
+            );
             report.unknown = tr.stats().unknown;
             report.builds = tr.stats().builds;
         }
     }
     if report.events == 0 && report.errors.is_empty() {
-        report.errors.push(InputError::whole(&origin, Reason::Empty));
+        report
+            .errors
+            .push(InputError::whole(&origin, Reason::Empty));
         report.incomplete = true;
     }
     report
 }
-

@@ -28,7 +28,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Build, Kind::Task, Kind::Test, Kind::Artifact, Kind::Log];
+    pub const ALL: [Kind; 5] = [
+        Kind::Build,
+        Kind::Task,
+        Kind::Test,
+        Kind::Artifact,
+        Kind::Log,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

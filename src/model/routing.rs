@@ -14,8 +14,8 @@
 //!
 //! Escaping is reversible percent-encoding of the bytes that mean something to AMQP
 //! topic matching or to us: `.` `*` `#` `%` `~`, white space and control characters; an
-//! absent value is the word `_`, and a value that *is* `_` (or empty) is escaped as `%5F`
-//! (or `%00` for empty) so the two never meet. A key longer than 255 bytes is shortened
+//! absent value is the word `_`, a value that *is* `_` is escaped as `%5F`, and the empty
+//! value is the lone `%` (never produced otherwise), so none of them meet. A key longer than 255 bytes is shortened
 //! deterministically: its longest words are cut and get a `~` plus a 16-hex-digit hash of
 //! the whole word, so positions never move and a shortened word is recognizable (`~`
 //! never appears in an escaped word).
@@ -39,7 +39,7 @@ pub fn escape_word(value: Option<&str>) -> String {
         return ABSENT.to_string();
     };
     if v.is_empty() {
-        return "%00".to_string();
+        return "%".to_string();
     }
     if v == ABSENT {
         return "%5F".to_string();
@@ -64,11 +64,13 @@ pub fn unescape_word(word: &str) -> Result<Option<String>, String> {
     if word == ABSENT {
         return Ok(None);
     }
-    if word == "%00" {
+    if word == "%" {
         return Ok(Some(String::new()));
     }
     if word.contains('~') {
-        return Err(format!("routing-key word {word:?} was shortened and cannot be reversed"));
+        return Err(format!(
+            "routing-key word {word:?} was shortened and cannot be reversed"
+        ));
     }
     let bytes = word.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -104,7 +106,9 @@ pub fn join_words(mut words: Vec<String>) -> String {
             .unwrap_or((0, 0));
         let over = total(&words) - MAX_KEY_BYTES;
         // A cut word is `prefix~hash16`; keep as much prefix as the budget allows.
-        let keep = len.saturating_sub(over + 17).max(MIN_CUT_WORD.saturating_sub(17));
+        let keep = len
+            .saturating_sub(over + 17)
+            .max(MIN_CUT_WORD.saturating_sub(17));
         if len <= keep + 17 {
             // Nothing left to gain on this word (every word is already minimal); give up
             // shortening: the caller gets the best effort, still deterministic.
@@ -142,9 +146,22 @@ mod tests {
 
     #[test]
     fn escaping_is_reversible() {
-        for v in ["a.b", "//app:config", "*#%~", "x y", "_", "", "ünï.cødé", "a%2Eb"] {
+        for v in [
+            "a.b",
+            "//app:config",
+            "*#%~",
+            "x y",
+            "_",
+            "",
+            "\0",
+            "ünï.cødé",
+            "a%2Eb",
+        ] {
             let w = escape_word(Some(v));
-            assert!(!w.contains('.') && !w.contains('*') && !w.contains('#'), "{w}");
+            assert!(
+                !w.contains('.') && !w.contains('*') && !w.contains('#'),
+                "{w}"
+            );
             assert_eq!(unescape_word(&w).unwrap().as_deref(), Some(v));
         }
         assert_eq!(escape_word(None), "_");

@@ -26,7 +26,9 @@ pub fn from_secs_f64(secs: f64) -> Option<String> {
 
 /// Seconds and nanoseconds, as a protobuf `Timestamp` carries them.
 pub fn from_secs_nanos(secs: i64, nanos: i32) -> Option<String> {
-    let ms = secs.checked_mul(1000)?.checked_add(i64::from(nanos) / 1_000_000)?;
+    let ms = secs
+        .checked_mul(1000)?
+        .checked_add(i64::from(nanos) / 1_000_000)?;
     from_millis(ms)
 }
 

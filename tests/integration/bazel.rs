@@ -10,7 +10,13 @@ use buildbus::model::{BuildResult, Kind, TaskOutcome};
 use crate::harness::*;
 
 const VERSIONS: [&str; 2] = ["bazel", "bazel/bazel-2.1.0"];
-const NAMES: [&str; 5] = ["build_ok", "build_fail", "test_mixed", "pattern_fail", "interrupted"];
+const NAMES: [&str; 5] = [
+    "build_ok",
+    "build_fail",
+    "test_mixed",
+    "pattern_fail",
+    "interrupted",
+];
 
 fn both(name: &str) -> Vec<(String, Vec<buildbus::model::Envelope>)> {
     let mut v = Vec::new();
@@ -45,9 +51,15 @@ fn build_ok() {
             .collect();
         assert_eq!(outcomes, want, "{rel}");
         // --build_event_publish_all_actions: 7 actions, all succeeded.
-        let actions: Vec<_> = tasks(&msgs).into_iter().filter(|t| t.task != "build").collect();
+        let actions: Vec<_> = tasks(&msgs)
+            .into_iter()
+            .filter(|t| t.task != "build")
+            .collect();
         assert_eq!(actions.len(), 7, "{rel}");
-        assert!(actions.iter().all(|a| a.outcome == TaskOutcome::Succeeded), "{rel}");
+        assert!(
+            actions.iter().all(|a| a.outcome == TaskOutcome::Succeeded),
+            "{rel}"
+        );
         assert_eq!(f.counts.tasks.get("succeeded"), Some(&10), "{rel}");
         assert_eq!((f.counts.errors, f.counts.warnings), (0, 0), "{rel}");
         assert_eq!(f.counts.metrics.get("actions_executed"), Some(&7), "{rel}");
@@ -56,7 +68,11 @@ fn build_ok() {
         assert_eq!(c.tree.as_deref(), Some("bep-fixture"), "{rel}");
         assert_eq!(c.platform.as_deref(), Some("k8"), "{rel}");
         assert_eq!(c.buildtype.as_deref(), Some("fastbuild"), "{rel}");
-        assert_eq!(c.revision.as_deref(), Some("0123456789abcdef0123456789abcdef01234567"), "{rel}");
+        assert_eq!(
+            c.revision.as_deref(),
+            Some("0123456789abcdef0123456789abcdef01234567"),
+            "{rel}"
+        );
         assert_eq!(c.branch.as_deref(), Some("main"), "{rel}");
         assert_eq!(f.builder.user.as_deref(), Some("bzl"), "{rel}");
         // Three targets, one output each (app/report has two), through named sets.
@@ -67,14 +83,25 @@ fn build_ok() {
                 _ => None,
             })
             .collect();
-        assert!(artifacts.contains("bazel-out/k8-fastbuild/bin/app/config.txt"), "{rel}: {artifacts:?}");
-        assert!(artifacts.contains("bazel-out/k8-fastbuild/bin/app/hello"), "{rel}: {artifacts:?}");
+        assert!(
+            artifacts.contains("bazel-out/k8-fastbuild/bin/app/config.txt"),
+            "{rel}: {artifacts:?}"
+        );
+        assert!(
+            artifacts.contains("bazel-out/k8-fastbuild/bin/app/hello"),
+            "{rel}: {artifacts:?}"
+        );
         // Every message of the build shares the build id and routing prefix.
         let id = &f.common.build_id;
-        assert!(msgs.iter().all(|m| &m.payload.common().build_id == id), "{rel}");
         assert!(
-            msgs.iter()
-                .all(|m| m.meta.routing_key.starts_with("bep-fixture.k8.fastbuild.bzlws.bazel.")),
+            msgs.iter().all(|m| &m.payload.common().build_id == id),
+            "{rel}"
+        );
+        assert!(
+            msgs.iter().all(|m| m
+                .meta
+                .routing_key
+                .starts_with("bep-fixture.k8.fastbuild.bzlws.bazel.")),
             "{rel}: {}",
             msgs[0].meta.routing_key
         );
@@ -94,21 +121,47 @@ fn build_fail_keeps_going() {
             .filter(|(_, o)| **o == TaskOutcome::Failed)
             .map(|(t, _)| t)
             .collect();
-        assert_eq!(failed, vec!["//broken:fails", "//broken:needs_fails"], "{rel}");
+        assert_eq!(
+            failed,
+            vec!["//broken:fails", "//broken:needs_fails"],
+            "{rel}"
+        );
         // The failing genrule action, with its exit code in 4.2.3 (2.1.0 omits it).
-        let action: Vec<_> = tasks(&msgs).into_iter().filter(|t| t.task == "Genrule").collect();
+        let action: Vec<_> = tasks(&msgs)
+            .into_iter()
+            .filter(|t| t.task == "Genrule")
+            .collect();
         assert_eq!(action.len(), 1, "{rel}");
         assert_eq!(action[0].outcome, TaskOutcome::Failed);
         assert_eq!(action[0].target, "//broken:fails");
-        assert!(action[0].logfile.as_deref().is_some_and(|l| l.starts_with("file:///")), "{rel}");
+        assert!(
+            action[0]
+                .logfile
+                .as_deref()
+                .is_some_and(|l| l.starts_with("file:///")),
+            "{rel}"
+        );
         if !rel.contains("2.1.0") {
             assert_eq!(action[0].exit_code, Some(1), "{rel}");
-            assert!(action[0].failure.as_deref().is_some_and(|m| m.contains("bash failed")), "{rel}");
+            assert!(
+                action[0]
+                    .failure
+                    .as_deref()
+                    .is_some_and(|m| m.contains("bash failed")),
+                "{rel}"
+            );
         }
         // The ERROR record from progress stderr, with its continuation lines and target.
-        let errors: Vec<_> = logs(&msgs).into_iter().filter(|l| l.level == buildbus::model::LogLevel::Error).collect();
+        let errors: Vec<_> = logs(&msgs)
+            .into_iter()
+            .filter(|l| l.level == buildbus::model::LogLevel::Error)
+            .collect();
         assert_eq!(errors.len(), 1, "{rel}");
-        assert!(errors[0].message.contains("this genrule fails on purpose"), "{rel}: {}", errors[0].message);
+        assert!(
+            errors[0].message.contains("this genrule fails on purpose"),
+            "{rel}: {}",
+            errors[0].message
+        );
         assert_eq!(errors[0].target.as_deref(), Some("//broken:fails"), "{rel}");
         assert_eq!(f.counts.errors, 1, "{rel}");
         assert_eq!(f.counts.tasks.get("failed"), Some(&3), "{rel}");
@@ -121,10 +174,16 @@ fn test_mixed_statuses_and_attempts() {
         let f = finished(&msgs);
         assert_eq!(f.result, Some(BuildResult::Failure), "{rel}");
         assert_eq!(f.exit_code, Some(3), "{rel}");
-        let summaries: BTreeMap<String, (String, Option<i64>, Option<i64>)> = tests_of(&msgs, "summary")
-            .into_iter()
-            .map(|t| (t.test.clone(), (t.status.clone(), t.total_attempts, t.total_shards)))
-            .collect();
+        let summaries: BTreeMap<String, (String, Option<i64>, Option<i64>)> =
+            tests_of(&msgs, "summary")
+                .into_iter()
+                .map(|t| {
+                    (
+                        t.test.clone(),
+                        (t.status.clone(), t.total_attempts, t.total_shards),
+                    )
+                })
+                .collect();
         let want: BTreeMap<String, (String, Option<i64>, Option<i64>)> = [
             ("//tests:fail_test", "failed", 2, 1),
             ("//tests:flaky_test", "flaky", 2, 1),
@@ -137,7 +196,14 @@ fn test_mixed_statuses_and_attempts() {
         assert_eq!(summaries, want, "{rel}");
         let attempts: BTreeSet<(String, i64, i64, String)> = tests_of(&msgs, "attempt")
             .into_iter()
-            .map(|t| (t.test.clone(), t.shard.unwrap(), t.attempt.unwrap(), t.status.clone()))
+            .map(|t| {
+                (
+                    t.test.clone(),
+                    t.shard.unwrap(),
+                    t.attempt.unwrap(),
+                    t.status.clone(),
+                )
+            })
             .collect();
         let want: BTreeSet<(String, i64, i64, String)> = [
             ("//tests:fail_test", 1, 1, "failed"),
@@ -158,7 +224,13 @@ fn test_mixed_statuses_and_attempts() {
             .unwrap();
         assert_eq!(flaky_first.strategy.as_deref(), Some("local"), "{rel}");
         assert!(flaky_first.duration_ms.is_some_and(|d| d > 0), "{rel}");
-        assert!(flaky_first.logurl.as_deref().is_some_and(|u| u.ends_with(".log")), "{rel}");
+        assert!(
+            flaky_first
+                .logurl
+                .as_deref()
+                .is_some_and(|u| u.ends_with(".log")),
+            "{rel}"
+        );
         let counts = &f.counts.tests;
         assert_eq!(counts.get("passed"), Some(&2), "{rel}");
         assert_eq!(counts.get("failed"), Some(&1), "{rel}");
@@ -170,8 +242,11 @@ fn test_mixed_statuses_and_attempts() {
             .count();
         assert_eq!(test_logs, 7, "{rel}");
         // Routing keys carry the status and the test label.
-        assert!(msgs.iter().any(|m| m.meta.kind == Kind::Test
-            && m.meta.routing_key.ends_with(".flaky.//tests:flaky_test")), "{rel}");
+        assert!(
+            msgs.iter().any(|m| m.meta.kind == Kind::Test
+                && m.meta.routing_key.ends_with(".flaky.//tests:flaky_test")),
+            "{rel}"
+        );
     }
 }
 
@@ -182,16 +257,28 @@ fn pattern_fail_is_a_failed_build_with_errors() {
         assert_eq!(f.result, Some(BuildResult::Failure), "{rel}");
         assert_eq!(f.exit_code, Some(1), "{rel}");
         assert_eq!(f.targets, vec!["//nonexistent:target"], "{rel}");
-        assert!(f.failure.as_deref().is_some_and(|m| m.contains("no such package 'nonexistent'")), "{rel}");
+        assert!(
+            f.failure
+                .as_deref()
+                .is_some_and(|m| m.contains("no such package 'nonexistent'")),
+            "{rel}"
+        );
         assert!(tasks(&msgs).is_empty(), "{rel}");
         assert_eq!((f.counts.errors, f.counts.warnings), (2, 1), "{rel}");
         let l = logs(&msgs);
-        assert!(l.iter().any(|l| l.target.as_deref() == Some("//nonexistent:target")), "{rel}");
+        assert!(
+            l.iter()
+                .any(|l| l.target.as_deref() == Some("//nonexistent:target")),
+            "{rel}"
+        );
         // No configuration and an empty workspace status: those fields are absent.
         assert_eq!(f.common.platform, None, "{rel}");
         assert_eq!(f.common.revision, None, "{rel}");
         assert_eq!(f.common.branch.as_deref(), Some("main"), "{rel}");
-        assert!(msgs[0].meta.routing_key.starts_with("bep-fixture._._."), "{rel}");
+        assert!(
+            msgs[0].meta.routing_key.starts_with("bep-fixture._._."),
+            "{rel}"
+        );
     }
 }
 
@@ -203,10 +290,22 @@ fn interrupted_counts_late_aborted_events() {
         assert_eq!(f.exit_code, Some(8), "{rel}");
         let outcomes = target_outcomes(&msgs);
         // The aborted target was posted after buildFinished and still counts.
-        assert_eq!(outcomes.get("//slow:sleepy_too"), Some(&TaskOutcome::NotExecuted), "{rel}");
+        assert_eq!(
+            outcomes.get("//slow:sleepy_too"),
+            Some(&TaskOutcome::NotExecuted),
+            "{rel}"
+        );
         assert_eq!(f.counts.tasks.get("not_executed"), Some(&1), "{rel}");
-        let t = tasks(&msgs).into_iter().find(|t| t.target == "//slow:sleepy_too").unwrap();
-        assert!(t.failure.as_deref().is_some_and(|m| m.contains("USER_INTERRUPTED")), "{rel}");
+        let t = tasks(&msgs)
+            .into_iter()
+            .find(|t| t.target == "//slow:sleepy_too")
+            .unwrap();
+        assert!(
+            t.failure
+                .as_deref()
+                .is_some_and(|m| m.contains("USER_INTERRUPTED")),
+            "{rel}"
+        );
         // The finished message is the last one: nothing after lastMessage.
         assert!(msgs.last().unwrap().payload.kind() == Kind::Build, "{rel}");
     }
@@ -216,12 +315,21 @@ fn interrupted_counts_late_aborted_events() {
 fn json_and_binary_give_the_same_set_of_messages() {
     for dir in VERSIONS {
         for name in NAMES {
-            let a: BTreeSet<String> = clean(&format!("{dir}/{name}.json")).iter().map(identity).collect();
-            let b: BTreeSet<String> = clean(&format!("{dir}/{name}.bin")).iter().map(identity).collect();
+            let a: BTreeSet<String> = clean(&format!("{dir}/{name}.json"))
+                .iter()
+                .map(identity)
+                .collect();
+            let b: BTreeSet<String> = clean(&format!("{dir}/{name}.bin"))
+                .iter()
+                .map(identity)
+                .collect();
             assert!(!a.is_empty());
             let only_a: Vec<_> = a.difference(&b).take(2).collect();
             let only_b: Vec<_> = b.difference(&a).take(2).collect();
-            assert!(a == b, "{dir}/{name}: json-only {only_a:#?}\nbin-only {only_b:#?}");
+            assert!(
+                a == b,
+                "{dir}/{name}: json-only {only_a:#?}\nbin-only {only_b:#?}"
+            );
         }
     }
 }
@@ -233,14 +341,24 @@ fn ids_are_deterministic_and_never_shared() {
     for dir in VERSIONS {
         for name in NAMES {
             let rel = format!("{dir}/{name}.json");
-            let first: Vec<String> = clean(&rel).iter().map(|m| m.meta.message_id.clone()).collect();
-            let second: Vec<String> = clean(&rel).iter().map(|m| m.meta.message_id.clone()).collect();
+            let first: Vec<String> = clean(&rel)
+                .iter()
+                .map(|m| m.meta.message_id.clone())
+                .collect();
+            let second: Vec<String> = clean(&rel)
+                .iter()
+                .map(|m| m.meta.message_id.clone())
+                .collect();
             assert_eq!(first, second, "{rel}: same stream, same ids");
             total += first.len();
             all.extend(first);
         }
     }
-    assert_eq!(all.len(), total, "no two messages of the fixtures share an id");
+    assert_eq!(
+        all.len(),
+        total,
+        "no two messages of the fixtures share an id"
+    );
     // The started and finished messages of one build: one entity, two messages.
     let msgs = clean("bazel/build_ok.json");
     let b: Vec<_> = msgs.iter().filter(|m| m.meta.kind == Kind::Build).collect();
@@ -282,8 +400,13 @@ fn configured_secret_patterns_apply_to_metadata() {
     let ctx = Context::new(&cfg, &FieldValues::default());
     let (msgs, _) = translate_with(&fixture("bazel/build_ok.json"), &ctx);
     let f = finished(&msgs);
-    assert_eq!(f.metadata.get("REPO_URL").map(String::as_str), Some("<redacted>"));
-    assert!(msgs.iter().all(|m| !String::from_utf8(m.to_json()).unwrap().contains("example.invalid/acme")));
+    assert_eq!(
+        f.metadata.get("REPO_URL").map(String::as_str),
+        Some("<redacted>")
+    );
+    assert!(msgs.iter().all(|m| !String::from_utf8(m.to_json())
+        .unwrap()
+        .contains("example.invalid/acme")));
 }
 
 #[test]
@@ -308,5 +431,8 @@ fn pulse_fields_follow_config_and_overrides() {
     };
     let ctx = Context::new(&cfg, &over);
     let (msgs, _) = translate_with(&fixture("bazel/build_ok.json"), &ctx);
-    assert!(msgs.iter().all(|m| m.meta.routing_key.starts_with("other%2Etree.k8.dbg.bep_fixture_ws.bazel.")));
+    assert!(msgs.iter().all(|m| m
+        .meta
+        .routing_key
+        .starts_with("other%2Etree.k8.dbg.bep_fixture_ws.bazel.")));
 }

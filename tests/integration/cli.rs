@@ -61,7 +61,11 @@ fn help_has_examples() {
 }
 
 /// Writes `bytes` to a file in a temp dir and translates it.
-fn translate_bytes(name: &str, bytes: &[u8], extra: &[&str]) -> (std::process::Output, Vec<serde_json::Value>, String) {
+fn translate_bytes(
+    name: &str,
+    bytes: &[u8],
+    extra: &[&str],
+) -> (std::process::Output, Vec<serde_json::Value>, String) {
     let dir = tempdir();
     let p = dir.path().join(name);
     std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
@@ -75,7 +79,10 @@ fn translate_bytes(name: &str, bytes: &[u8], extra: &[&str]) -> (std::process::O
 }
 
 fn kinds(lines: &[serde_json::Value]) -> Vec<String> {
-    lines.iter().map(|l| l["_meta"]["kind"].as_str().unwrap().to_string()).collect()
+    lines
+        .iter()
+        .map(|l| l["_meta"]["kind"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[test]
@@ -85,7 +92,13 @@ fn truncated_binary_keeps_what_came_before() {
     let cut = data.len() - 100;
     let (o, lines, err) = translate_bytes("cut.bin", &data[..cut], &[]);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("cut.bin") && err.contains("event #") && err.contains("(byte ") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("cut.bin")
+            && err.contains("event #")
+            && err.contains("(byte ")
+            && err.contains("truncated"),
+        "{err}"
+    );
     // The build finished (buildFinished came before the cut) but lastMessage is lost:
     // the finished message still comes at the end of input, with all targets.
     let k = kinds(&lines);
@@ -109,7 +122,10 @@ fn garbage_line_is_skipped_with_its_line_number() {
     let data = lines.join("\n") + "\n";
     let (o, out, err) = translate_bytes("garbage.json", data.as_bytes(), &[]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(err.contains("garbage.json: line 6 (byte ") && err.contains("invalid JSON"), "{err}");
+    assert!(
+        err.contains("garbage.json: line 6 (byte ") && err.contains("invalid JSON"),
+        "{err}"
+    );
     // Everything else, before and after, is translated: the same messages as clean input.
     assert_eq!(out.len(), clean("bazel/test_mixed.json").len(), "{err}");
 }
@@ -121,7 +137,10 @@ fn invalid_utf8_and_oversized_lines() {
     data.extend_from_slice(&text);
     let (o, out, err) = translate_bytes("utf8.json", &data, &[]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(err.contains("utf8.json: line 1 (byte 0): not valid UTF-8"), "{err}");
+    assert!(
+        err.contains("utf8.json: line 1 (byte 0): not valid UTF-8"),
+        "{err}"
+    );
     assert_eq!(out.len(), clean("bazel/build_ok.json").len());
 
     // A 10 KB limit: the few large events are skipped with their line, the rest kept.
@@ -140,7 +159,10 @@ fn empty_missing_and_unknown() {
     let (o, out, err) = translate_bytes("empty.json", b"", &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(out.is_empty());
-    assert!(err.contains("empty.json") && err.contains("empty input"), "{err}");
+    assert!(
+        err.contains("empty.json") && err.contains("empty input"),
+        "{err}"
+    );
 
     let o = buildbus(&["translate", "/nonexistent/x.json"]);
     assert_eq!(o.status.code(), Some(1));
@@ -149,7 +171,10 @@ fn empty_missing_and_unknown() {
     // Event kinds from a newer Bazel: skipped and counted, not an error.
     let text = std::fs::read_to_string(fixture("bazel/build_ok.json")).unwrap();
     let mut lines: Vec<&str> = text.lines().collect();
-    lines.insert(3, r#"{"id":{"fancyNewThing":{"x":"1"}},"fancyNewPayload":{"y":2}}"#);
+    lines.insert(
+        3,
+        r#"{"id":{"fancyNewThing":{"x":"1"}},"fancyNewPayload":{"y":2}}"#,
+    );
     let data = lines.join("\n") + "\n";
     let (o, out, err) = translate_bytes("newer.json", data.as_bytes(), &[]);
     assert!(o.status.success(), "{err}");

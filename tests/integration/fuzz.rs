@@ -13,7 +13,13 @@ use crate::harness::fixture;
 fn run(bytes: &[u8], format: Option<Format>, name: &str) -> (usize, buildbus::evt::StreamReport) {
     let ctx = Arc::new(Context::builtin());
     let mut n = 0;
-    let r = translate_reader(Cursor::new(bytes.to_vec()), Path::new(name), format, &ctx, &mut |_| n += 1);
+    let r = translate_reader(
+        Cursor::new(bytes.to_vec()),
+        Path::new(name),
+        format,
+        &ctx,
+        &mut |_| n += 1,
+    );
     (n, r)
 }
 

@@ -10,7 +10,9 @@ use buildbus::evt::{translate_file, Context, StreamReport};
 use buildbus::model::{Envelope, Payload};
 
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// Translates one file with the built-in configuration.
@@ -64,7 +66,10 @@ pub fn builds(msgs: &[Envelope]) -> Vec<&buildbus::model::BuildPayload> {
 }
 
 pub fn finished(msgs: &[Envelope]) -> &buildbus::model::BuildPayload {
-    let f: Vec<_> = builds(msgs).into_iter().filter(|b| b.result.is_some()).collect();
+    let f: Vec<_> = builds(msgs)
+        .into_iter()
+        .filter(|b| b.result.is_some())
+        .collect();
     assert_eq!(f.len(), 1, "exactly one finished build message");
     f[0]
 }

@@ -8,3 +8,4 @@ mod harness;
 mod bazel;
 mod cli;
 mod fuzz;
+mod schema;

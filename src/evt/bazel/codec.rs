@@ -24,8 +24,14 @@ mod tests {
     #[test]
     fn garbage_is_a_clear_error() {
         assert!(matches!(decode_json(b"{not json"), Err(Reason::Json(_))));
-        assert!(matches!(decode_json(b"\xff\xfe"), Err(Reason::InvalidUtf8(0))));
-        assert!(matches!(decode_binary(&[0x0a, 0x05, 0x01]), Err(Reason::Protobuf(_))));
+        assert!(matches!(
+            decode_json(b"\xff\xfe"),
+            Err(Reason::InvalidUtf8(0))
+        ));
+        assert!(matches!(
+            decode_binary(&[0x0a, 0x05, 0x01]),
+            Err(Reason::Protobuf(_))
+        ));
     }
 
     #[test]

@@ -36,8 +36,7 @@ use crate::evt::fields::{repo_name, PulseFields, RuleSource};
 use crate::evt::{Context, Emit, Translator};
 use crate::model::{
     time, ArtifactPayload, BuildPayload, BuildResult, BuildState, Builder, Common, Counts,
-    Envelope, LogPayload, Payload, SourceMeta, SstateResult, TaskOutcome, TaskPayload,
-    TestPayload,
+    Envelope, LogPayload, Payload, SourceMeta, SstateResult, TaskOutcome, TaskPayload, TestPayload,
 };
 
 const SYSTEM: &str = "bazel";
@@ -106,13 +105,20 @@ struct Build {
     metrics: BTreeMap<String, i64>,
     counts: Counts,
     host: Option<String>,
+    /// The first line of the first error the build printed (a failed build's reason
+    /// when Bazel gives no failure detail).
+    first_error: Option<String>,
     done: bool,
 }
 
 impl RuleSource for Build {
     fn lookup(&self, rule: &str) -> Option<String> {
         let (ns, key) = rule.split_once(':').unwrap_or((rule, ""));
-        let config = || self.platform_config.as_ref().and_then(|c| self.configs.get(c));
+        let config = || {
+            self.platform_config
+                .as_ref()
+                .and_then(|c| self.configs.get(c))
+        };
         match ns {
             "metadata" => self.metadata.get(key).cloned(),
             "status" => self.status.get(key).cloned(),
@@ -156,13 +162,19 @@ pub struct BazelTranslator {
 }
 
 fn ms_of(ts: &Option<pbjson_types::Timestamp>) -> Option<i64> {
-    ts.as_ref()
-        .and_then(|t| t.seconds.checked_mul(1000)?.checked_add(i64::from(t.nanos) / 1_000_000))
+    ts.as_ref().and_then(|t| {
+        t.seconds
+            .checked_mul(1000)?
+            .checked_add(i64::from(t.nanos) / 1_000_000)
+    })
 }
 
 fn dur_ms(d: &Option<pbjson_types::Duration>) -> Option<i64> {
-    d.as_ref()
-        .and_then(|d| d.seconds.checked_mul(1000)?.checked_add(i64::from(d.nanos) / 1_000_000))
+    d.as_ref().and_then(|d| {
+        d.seconds
+            .checked_mul(1000)?
+            .checked_add(i64::from(d.nanos) / 1_000_000)
+    })
 }
 
 fn nonzero(v: i64) -> Option<i64> {
@@ -192,7 +204,10 @@ fn file_path(f: &bep::File) -> String {
         p.push_str(&f.name);
         return p;
     }
-    if let Some(path) = file_uri(f).as_deref().and_then(|u| u.strip_prefix("file://")) {
+    if let Some(path) = file_uri(f)
+        .as_deref()
+        .and_then(|u| u.strip_prefix("file://"))
+    {
         return path.to_string();
     }
     f.name.clone()
@@ -280,7 +295,10 @@ impl BazelTranslator {
     }
 
     fn context_complete(&self) -> bool {
-        self.build.announced.iter().all(|c| self.build.seen.contains(c))
+        self.build
+            .announced
+            .iter()
+            .all(|c| self.build.seen.contains(c))
     }
 
     /// Freezes the Pulse fields (if not yet) and emits `build started` plus all held
@@ -326,7 +344,13 @@ impl BazelTranslator {
             .as_ref()
             .or(self.build.unstructured_cmd.as_ref())?;
         let r = &self.ctx.redactor;
-        Some(args.iter().filter(|a| !a.is_empty()).map(|a| r.arg(a)).collect::<Vec<_>>().join(" "))
+        Some(
+            args.iter()
+                .filter(|a| !a.is_empty())
+                .map(|a| r.arg(a))
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
     }
 
     fn build_payload(&self, state: BuildState) -> BuildPayload {
@@ -371,7 +395,11 @@ impl BazelTranslator {
             targets: b.patterns.clone(),
             command: self.command_line(),
             started_at: b.started_ms.and_then(time::from_millis),
-            finished_at: if finished { finished_ms.and_then(time::from_millis) } else { None },
+            finished_at: if finished {
+                finished_ms.and_then(time::from_millis)
+            } else {
+                None
+            },
             duration_ms: if finished {
                 finished_ms.zip(b.started_ms).map(|(f, s)| f - s)
             } else {
@@ -394,6 +422,7 @@ impl BazelTranslator {
                     .filter(|m| !m.is_empty())
                     .or(b.pattern_failure.clone())
                     .or(b.finished_aborted.clone())
+                    .or(b.first_error.clone())
             } else {
                 None
             },
@@ -462,15 +491,28 @@ impl BazelTranslator {
     ) {
         let cfg = config_id(&id.configuration);
         self.note_config(&cfg, out);
-        let task = if id.aspect.is_empty() { "build".to_string() } else { id.aspect.clone() };
+        let task = if id.aspect.is_empty() {
+            "build".to_string()
+        } else {
+            id.aspect.clone()
+        };
         let (outcome, failure, files) = match payload {
             Some(P::Completed(c)) => {
-                let outcome = if c.success { TaskOutcome::Succeeded } else { TaskOutcome::Failed };
+                let outcome = if c.success {
+                    TaskOutcome::Succeeded
+                } else {
+                    TaskOutcome::Failed
+                };
                 let failure = c.failure_detail.as_ref().and_then(|d| nonempty(&d.message));
                 let mut groups: Vec<(String, Vec<String>)> = c
                     .output_group
                     .iter()
-                    .map(|g| (g.name.clone(), g.file_sets.iter().map(|s| s.id.clone()).collect()))
+                    .map(|g| {
+                        (
+                            g.name.clone(),
+                            g.file_sets.iter().map(|s| s.id.clone()).collect(),
+                        )
+                    })
                     .collect();
                 groups.sort();
                 let mut files: Vec<(String, bep::File)> = Vec::new();
@@ -480,7 +522,11 @@ impl BazelTranslator {
                     }
                 }
                 if groups.is_empty() {
-                    files.extend(c.important_output.iter().map(|f| ("default".to_string(), f.clone())));
+                    files.extend(
+                        c.important_output
+                            .iter()
+                            .map(|f| ("default".to_string(), f.clone())),
+                    );
                 }
                 (outcome, failure, files)
             }
@@ -501,14 +547,22 @@ impl BazelTranslator {
             target_kind: self.build.target_kinds.get(&id.label).cloned(),
             failure,
         };
-        self.draft(Payload::Task(p), vec![id.label.clone(), cfg.clone(), task], out);
+        self.draft(
+            Payload::Task(p),
+            vec![id.label.clone(), cfg.clone(), task],
+            out,
+        );
         let mut seen = HashSet::new();
         for (group, f) in files {
             let path = file_path(&f);
             if !seen.insert(path.clone()) {
                 continue;
             }
-            let kind = if group == "default" { "output".to_string() } else { format!("output:{group}") };
+            let kind = if group == "default" {
+                "output".to_string()
+            } else {
+                format!("output:{group}")
+            };
             let entity = vec![id.label.clone(), cfg.clone(), path];
             self.artifact(&f, &kind, Some(&id.label), entity, None, out);
         }
@@ -530,14 +584,20 @@ impl BazelTranslator {
             common: self.common_placeholder(end.or(start)),
             target: target.clone(),
             task: mnemonic.clone(),
-            outcome: if a.success { TaskOutcome::Succeeded } else { TaskOutcome::Failed },
+            outcome: if a.success {
+                TaskOutcome::Succeeded
+            } else {
+                TaskOutcome::Failed
+            },
             sstate_result: SstateResult::Na,
             started_at: start.and_then(time::from_millis),
             finished_at: end.and_then(time::from_millis),
             elapsed_ms: start.zip(end).map(|(s, e)| e - s),
             exit_code: (!a.success || a.exit_code != 0).then_some(i64::from(a.exit_code)),
             logfile: a.stderr.as_ref().and_then(file_uri),
-            target_kind: label.as_ref().and_then(|l| self.build.target_kinds.get(l).cloned()),
+            target_kind: label
+                .as_ref()
+                .and_then(|l| self.build.target_kinds.get(l).cloned()),
             failure: a.failure_detail.as_ref().and_then(|d| nonempty(&d.message)),
         };
         let entity = vec![target, cfg, mnemonic, id.primary_output.clone()];
@@ -552,8 +612,16 @@ impl BazelTranslator {
     ) {
         let cfg = config_id(&id.configuration);
         self.note_config(&cfg, out);
-        let (run, shard, attempt) = (i64::from(id.run), i64::from(id.shard), i64::from(id.attempt));
-        let e = self.build.attempts.entry((id.label.clone(), cfg.clone())).or_default();
+        let (run, shard, attempt) = (
+            i64::from(id.run),
+            i64::from(id.shard),
+            i64::from(id.attempt),
+        );
+        let e = self
+            .build
+            .attempts
+            .entry((id.label.clone(), cfg.clone()))
+            .or_default();
         e.0 = e.0.max(attempt);
         e.1.insert(shard);
         let base = vec![
@@ -569,7 +637,12 @@ impl BazelTranslator {
             Some(P::Aborted(a)) => {
                 let p = self.test_payload(&id.label, "attempt", "incomplete".into(), None);
                 let _ = a;
-                let p = TestPayload { attempt: Some(attempt), shard: Some(shard), run: Some(run), ..p };
+                let p = TestPayload {
+                    attempt: Some(attempt),
+                    shard: Some(shard),
+                    run: Some(run),
+                    ..p
+                };
                 self.draft(Payload::Test(p), base, out);
                 return;
             }
@@ -582,7 +655,8 @@ impl BazelTranslator {
         t.attempt = Some(attempt);
         t.shard = Some(shard);
         t.run = Some(run);
-        t.duration_ms = nonzero(p.test_attempt_duration_millis).or(dur_ms(&p.test_attempt_duration));
+        t.duration_ms =
+            nonzero(p.test_attempt_duration_millis).or(dur_ms(&p.test_attempt_duration));
         t.cached = Some(p.cached_locally || info.is_some_and(|i| i.cached_remotely));
         t.logurl = log.and_then(file_uri);
         t.strategy = info.and_then(|i| nonempty(&i.strategy));
@@ -602,7 +676,13 @@ impl BazelTranslator {
         }
     }
 
-    fn test_payload(&self, label: &str, scope: &str, status: String, ts: Option<i64>) -> TestPayload {
+    fn test_payload(
+        &self,
+        label: &str,
+        scope: &str,
+        status: String,
+        ts: Option<i64>,
+    ) -> TestPayload {
         TestPayload {
             common: self.common_placeholder(ts),
             test: label.to_string(),
@@ -665,6 +745,9 @@ impl BazelTranslator {
     fn on_progress(&mut self, opaque: i32, p: &bep::Progress, out: &mut Emit<'_>) {
         for (i, rec) in console::records(&p.stderr).into_iter().enumerate() {
             let message = self.ctx.redactor.value(&rec.message);
+            if rec.level != crate::model::LogLevel::Warning && self.build.first_error.is_none() {
+                self.build.first_error = message.lines().next().map(str::to_string);
+            }
             let target = console::first_label(&message);
             let l = LogPayload {
                 common: self.common_placeholder(None),
@@ -687,7 +770,11 @@ impl BazelTranslator {
             self.build = Build::default();
         }
         let b = &mut self.build;
-        b.id = Some(if s.uuid.is_empty() { "bazel-unknown-invocation".into() } else { s.uuid.clone() });
+        b.id = Some(if s.uuid.is_empty() {
+            "bazel-unknown-invocation".into()
+        } else {
+            s.uuid.clone()
+        });
         b.started_ms = nonzero(s.start_time_millis).or(ms_of(&s.start_time));
         b.command_name = nonempty(&s.command);
         b.tool_version = nonempty(&s.build_tool_version);
@@ -755,7 +842,11 @@ impl Translator for BazelTranslator {
                 self.build.metadata = m.metadata.clone();
             }
             (Id::WorkspaceStatus(_), Some(P::WorkspaceStatus(s))) => {
-                self.build.status = s.item.iter().map(|i| (i.key.clone(), i.value.clone())).collect();
+                self.build.status = s
+                    .item
+                    .iter()
+                    .map(|i| (i.key.clone(), i.value.clone()))
+                    .collect();
             }
             (Id::StructuredCommandLine(sid), Some(P::StructuredCommandLine(cl))) => {
                 self.on_structured(&sid.command_line_label, cl);
@@ -777,10 +868,10 @@ impl Translator for BazelTranslator {
             (Id::Configuration(c), Some(P::Configuration(conf))) => {
                 self.build.configs.insert(c.id.clone(), conf.clone());
             }
-            (Id::TargetConfigured(t), Some(P::Configured(c))) => {
-                if !c.target_kind.is_empty() {
-                    self.build.target_kinds.insert(t.label.clone(), c.target_kind.clone());
-                }
+            (Id::TargetConfigured(t), Some(P::Configured(c))) if !c.target_kind.is_empty() => {
+                self.build
+                    .target_kinds
+                    .insert(t.label.clone(), c.target_kind.clone());
             }
             (Id::NamedSet(n), Some(P::NamedSetOfFiles(s))) => {
                 let set = NamedSet {
@@ -811,6 +902,10 @@ impl Translator for BazelTranslator {
 
     fn finish(&mut self, out: &mut Emit<'_>) {
         self.end_build(out);
+    }
+
+    fn complete(&self) -> bool {
+        self.build.done
     }
 }
 

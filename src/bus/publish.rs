@@ -1,0 +1,276 @@
+//! The confirmed publisher.
+//!
+//! A message counts as published only when the broker has acked it. The publisher keeps
+//! every message from `basic.publish` until its confirm, in publish order, in a bounded
+//! in-flight window: when the window is full, [`Publisher::publish`] waits for the
+//! oldest confirm, so whoever feeds it (a file reader, a gRPC stream) is paused and
+//! memory stays bounded. When the connection drops, or the broker nacks, the publisher
+//! reconnects with backoff, declares the topology again and resends every unconfirmed
+//! message in order. A resend may duplicate a message the broker had stored before the
+//! drop; ids are deterministic and storage is idempotent, so that is harmless.
+//!
+//! Each message carries an opaque `token` (a file offset, a sequence number); the
+//! publisher hands tokens back in publish order as their messages are confirmed, which
+//! is what checkpoints and BES acks are built on.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Connection};
+use lapin::{Confirmation, PublisherConfirm};
+
+use super::connect::{connect, Backoff};
+use super::message::Outgoing;
+use super::topology::Topology;
+use super::BusError;
+
+/// Publisher settings.
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    pub url: String,
+    pub topology: Topology,
+    /// Unconfirmed messages allowed at once.
+    pub window: usize,
+    /// Give up connecting after this long (`None`: keep trying).
+    pub connect_deadline: Option<Duration>,
+    /// Declare the DSI queue as well as the exchanges (so nothing published before a
+    /// DSI worker ever ran is dropped for lack of a queue).
+    pub declare_dsi_queue: bool,
+}
+
+impl PublisherConfig {
+    pub fn new(url: &str, prefix: &str) -> PublisherConfig {
+        PublisherConfig {
+            url: url.to_string(),
+            topology: Topology::new(prefix),
+            window: 512,
+            connect_deadline: None,
+            declare_dsi_queue: true,
+        }
+    }
+}
+
+/// Counters of one publisher's life.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishStats {
+    /// Messages the broker confirmed.
+    pub confirmed: u64,
+    /// Messages sent again after a drop or a nack.
+    pub resent: u64,
+    pub reconnects: u64,
+    pub nacks: u64,
+}
+
+struct InFlight<T> {
+    msg: Outgoing,
+    token: T,
+    confirm: Option<PublisherConfirm>,
+}
+
+/// See the module documentation.
+pub struct Publisher<T> {
+    cfg: PublisherConfig,
+    conn: Option<Connection>,
+    channel: Option<Channel>,
+    inflight: VecDeque<InFlight<T>>,
+    stats: PublishStats,
+}
+
+impl<T: Clone> Publisher<T> {
+    /// Connects (retrying with backoff up to the configured deadline), declares the
+    /// topology and turns on confirms.
+    pub async fn connect(cfg: PublisherConfig) -> Result<Publisher<T>, BusError> {
+        let mut p = Publisher {
+            cfg,
+            conn: None,
+            channel: None,
+            inflight: VecDeque::new(),
+            stats: PublishStats::default(),
+        };
+        p.open().await?;
+        Ok(p)
+    }
+
+    pub fn stats(&self) -> &PublishStats {
+        &self.stats
+    }
+
+    /// Messages sent but not yet confirmed.
+    pub fn unconfirmed(&self) -> usize {
+        self.inflight.len()
+    }
+
+    async fn open(&mut self) -> Result<(), BusError> {
+        let conn = connect(&self.cfg.url, self.cfg.connect_deadline).await?;
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(BusError::amqp("open channel"))?;
+        if self.cfg.declare_dsi_queue {
+            self.cfg.topology.declare_all(&ch).await?;
+        } else {
+            self.cfg.topology.declare_exchanges(&ch).await?;
+        }
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(BusError::amqp("enable publisher confirms"))?;
+        self.conn = Some(conn);
+        self.channel = Some(ch);
+        Ok(())
+    }
+
+    async fn send(ch: &Channel, msg: &Outgoing) -> Result<PublisherConfirm, lapin::Error> {
+        ch.basic_publish(
+            msg.exchange.as_str().into(),
+            msg.routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            &msg.body,
+            msg.properties.clone(),
+        )
+        .await
+    }
+
+    /// Drops the connection, reconnects with backoff and resends everything unconfirmed.
+    async fn recover(&mut self, why: &str) -> Result<(), BusError> {
+        tracing::warn!(
+            "{why}; reconnecting, {} unconfirmed messages will be resent",
+            self.inflight.len()
+        );
+        self.channel = None;
+        if let Some(c) = self.conn.take() {
+            let _ = c.close(0, "reconnecting".into()).await;
+        }
+        let mut backoff = Backoff::default();
+        'retry: loop {
+            if let Err(e) = self.open().await {
+                if self.cfg.connect_deadline.is_some() {
+                    return Err(e);
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+            self.stats.reconnects += 1;
+            let Some(ch) = self.channel.clone() else {
+                continue;
+            };
+            for f in self.inflight.iter_mut() {
+                match Self::send(&ch, &f.msg).await {
+                    Ok(c) => {
+                        f.confirm = Some(c);
+                        self.stats.resent += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!("resend failed: {e}");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue 'retry;
+                    }
+                }
+            }
+            tracing::info!("reconnected; resent {} messages", self.inflight.len());
+            return Ok(());
+        }
+    }
+
+    /// Waits for the oldest message's confirm; returns its token once acked.
+    async fn confirm_front(&mut self) -> Result<T, BusError> {
+        loop {
+            let Some(front) = self.inflight.front_mut() else {
+                return Err(BusError::Other("nothing in flight".into()));
+            };
+            let result = match front.confirm.take() {
+                Some(c) => c.await,
+                None => Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+                    lapin::ChannelState::Closed,
+                    "no confirm",
+                ))),
+            };
+            match result {
+                Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => {
+                    self.stats.confirmed += 1;
+                    let done = self.inflight.pop_front().map(|f| f.token);
+                    return done.ok_or_else(|| BusError::Other("lost track of a message".into()));
+                }
+                Ok(Confirmation::Nack(_)) => {
+                    self.stats.nacks += 1;
+                    self.recover("the broker nacked a message").await?;
+                }
+                Err(e) => self.recover(&format!("confirm failed: {e}")).await?,
+            }
+        }
+    }
+
+    /// Collects tokens of messages whose confirms already arrived, without waiting.
+    fn confirmed_now(&mut self, done: &mut Vec<T>) {
+        while let Some(front) = self.inflight.front_mut() {
+            let Some(c) = front.confirm.as_mut() else {
+                return;
+            };
+            match c.now_or_never() {
+                Some(Ok(Confirmation::Ack(_))) | Some(Ok(Confirmation::NotRequested)) => {
+                    self.stats.confirmed += 1;
+                    if let Some(f) = self.inflight.pop_front() {
+                        done.push(f.token);
+                    }
+                }
+                // A nack or an error: leave it for `confirm_front`, which recovers.
+                Some(_) => {
+                    front.confirm = None;
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Publishes one message. Returns the tokens of the messages confirmed meanwhile,
+    /// oldest first (maybe none; the caller gets the rest from later calls or [`flush`]).
+    ///
+    /// [`flush`]: Publisher::flush
+    pub async fn publish(&mut self, msg: Outgoing, token: T) -> Result<Vec<T>, BusError> {
+        let mut done = Vec::new();
+        self.confirmed_now(&mut done);
+        while self.inflight.len() >= self.cfg.window.max(1) {
+            done.push(self.confirm_front().await?);
+        }
+        loop {
+            let ch = match &self.channel {
+                Some(ch) => ch.clone(),
+                None => {
+                    self.recover("no channel").await?;
+                    continue;
+                }
+            };
+            match Self::send(&ch, &msg).await {
+                Ok(c) => {
+                    self.inflight.push_back(InFlight {
+                        msg,
+                        token,
+                        confirm: Some(c),
+                    });
+                    return Ok(done);
+                }
+                Err(e) => self.recover(&format!("publish failed: {e}")).await?,
+            }
+        }
+    }
+
+    /// Waits until every message sent is confirmed; returns their tokens in order.
+    pub async fn flush(&mut self) -> Result<Vec<T>, BusError> {
+        let mut done = Vec::new();
+        while !self.inflight.is_empty() {
+            done.push(self.confirm_front().await?);
+        }
+        Ok(done)
+    }
+
+    /// Flushes and closes the connection.
+    pub async fn close(mut self) -> Result<(Vec<T>, PublishStats), BusError> {
+        let done = self.flush().await?;
+        if let Some(c) = self.conn.take() {
+            let _ = c.close(200, "bye".into()).await;
+        }
+        Ok((done, self.stats.clone()))
+    }
+}
