@@ -113,3 +113,80 @@ pub fn identity(m: &Envelope) -> String {
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
+
+// ---------------------------------------------------------------------------
+// Real components: one private RabbitMQ node for the whole test binary (each test gets
+// its own vhost), and private nodes for tests that stop their broker.
+
+use std::sync::{Mutex, OnceLock};
+
+use buildbus::infra::rabbitmq::RabbitNode;
+
+/// The base folder of this test run's servers (removed by their watchdogs).
+pub fn infra_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("buildbus-it-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("infra dir");
+        d
+    })
+    .clone()
+}
+
+/// The shared broker.
+pub fn rabbit() -> &'static Mutex<RabbitNode> {
+    static NODE: OnceLock<Mutex<RabbitNode>> = OnceLock::new();
+    NODE.get_or_init(|| {
+        Mutex::new(
+            RabbitNode::start(&infra_dir()).expect("start RabbitMQ (run scripts/ensure-deps.sh)"),
+        )
+    })
+}
+
+/// A fresh vhost on `node`, with guest allowed; returns its AMQP URL.
+pub fn vhost_on(node: &RabbitNode, name: &str) -> String {
+    node.rabbitmqctl(&["add_vhost", name]).expect("add_vhost");
+    node.rabbitmqctl(&["set_permissions", "-p", name, "guest", ".*", ".*", ".*"])
+        .expect("set_permissions");
+    let base = node.amqp_url();
+    format!("{}/{}", base.trim_end_matches("/%2f"), name)
+}
+
+/// A fresh vhost on the shared broker.
+pub fn vhost(name: &str) -> (String, String) {
+    let node = rabbit().lock().unwrap_or_else(|e| e.into_inner());
+    let v = format!("{name}-{}", std::process::id());
+    (vhost_on(&node, &v), v)
+}
+
+/// A current-thread tokio runtime for one test.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Takes every message now in `queue` (acking them); returns their bodies.
+pub async fn drain(url: &str, queue: &str) -> Vec<(Vec<u8>, lapin::BasicProperties)> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .expect("basic_get")
+    {
+        m.delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        out.push((m.delivery.data.clone(), m.delivery.properties.clone()));
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    out
+}

@@ -6,6 +6,7 @@
 mod harness;
 
 mod bazel;
+mod bus;
 mod cli;
 mod fuzz;
 mod schema;

@@ -1,0 +1,232 @@
+//! Publishing to a real RabbitMQ: confirms, headers, checkpoints, outages.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use buildbus::bus::message::header;
+use buildbus::bus::publish::{Publisher, PublisherConfig};
+use buildbus::bus::source::{publish_file, FileOptions};
+use buildbus::bus::topology::DSI_QUEUE;
+use buildbus::evt::Context;
+use buildbus::infra::rabbitmq::RabbitNode;
+use buildbus::model::DEFAULT_EXCHANGE_PREFIX;
+
+use crate::harness::*;
+
+const FILES: [&str; 5] = [
+    "bazel/build_ok.json",
+    "bazel/build_fail.bin",
+    "bazel/test_mixed.json",
+    "bazel/pattern_fail.bin",
+    "bazel/interrupted.json",
+];
+
+fn expected_ids(files: &[&str]) -> BTreeSet<String> {
+    files
+        .iter()
+        .flat_map(|f| clean(f))
+        .map(|m| m.meta.message_id)
+        .collect()
+}
+
+async fn publish_all(url: &str, files: &[&str], cp_dir: Option<&std::path::Path>) -> (u64, u64) {
+    let cfg = PublisherConfig::new(url, DEFAULT_EXCHANGE_PREFIX);
+    let mut p = Publisher::<u64>::connect(cfg).await.expect("connect");
+    let ctx = Arc::new(Context::builtin());
+    let (mut published, mut skipped) = (0, 0);
+    for f in files {
+        let path = fixture(f);
+        let opts = FileOptions {
+            checkpoint: cp_dir.map(|d| buildbus::bus::checkpoint::default_file(d, &path)),
+            ..Default::default()
+        };
+        let r = publish_file(&mut p, &path, ctx.clone(), &opts, 64)
+            .await
+            .expect("publish");
+        assert!(r.stream.clean(), "{f}: {:?}", r.stream.errors);
+        published += r.published;
+        skipped += r.skipped;
+    }
+    p.close().await.expect("close");
+    (published, skipped)
+}
+
+#[test]
+fn published_messages_carry_ids_headers_and_cloudevents() {
+    let (url, _) = vhost("bus-headers");
+    rt().block_on(async {
+        let (published, _) = publish_all(&url, &FILES, None).await;
+        let want = expected_ids(&FILES);
+        assert_eq!(published as usize, want.len());
+        let got = drain(&url, DSI_QUEUE).await;
+        assert_eq!(got.len(), want.len());
+        let ids: BTreeSet<String> = got
+            .iter()
+            .map(|(_, p)| p.message_id().as_ref().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, want);
+        for (body, p) in &got {
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(p.delivery_mode(), &Some(2));
+            assert_eq!(
+                p.content_type().as_ref().unwrap().as_str(),
+                "application/json"
+            );
+            assert_eq!(
+                p.kind().as_ref().unwrap().as_str(),
+                v["_meta"]["kind"].as_str().unwrap()
+            );
+            assert_eq!(header(p, "system").as_deref(), Some("bazel"));
+            assert_eq!(header(p, "cloudEvents_specversion").as_deref(), Some("1.0"));
+            assert_eq!(
+                header(p, "cloudEvents_id").as_deref(),
+                v["_meta"]["message_id"].as_str()
+            );
+            let ty = header(p, "cloudEvents_type").unwrap();
+            assert!(
+                ty.starts_with(&format!(
+                    "dev.buildbus.{}.",
+                    v["_meta"]["kind"].as_str().unwrap()
+                )),
+                "{ty}"
+            );
+            assert!(ty.ends_with(".v1"), "{ty}");
+            if v["payload"]["tree"].is_string() {
+                assert_eq!(header(p, "tree").as_deref(), v["payload"]["tree"].as_str());
+            }
+        }
+    });
+}
+
+#[test]
+fn checkpoints_make_a_second_publish_a_no_op() {
+    let (url, _) = vhost("bus-checkpoint");
+    let dir = tempdir();
+    rt().block_on(async {
+        let files = ["bazel/test_mixed.json", "bazel/build_ok.bin"];
+        let (first, skipped) = publish_all(&url, &files, Some(dir.path())).await;
+        assert_eq!(skipped, 0);
+        assert_eq!(first as usize, expected_ids(&files).len());
+        let (second, skipped) = publish_all(&url, &files, Some(dir.path())).await;
+        assert_eq!(second, 0, "everything was confirmed before");
+        assert_eq!(skipped, first);
+        assert_eq!(drain(&url, DSI_QUEUE).await.len() as u64, first);
+    });
+}
+
+#[test]
+fn the_topology_is_declared_idempotently() {
+    let (url, vh) = vhost("bus-setup");
+    for _ in 0..2 {
+        let o = buildbus(&["setup", "--url", &url]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let node = rabbit().lock().unwrap_or_else(|e| e.into_inner());
+    let ex = node
+        .rabbitmqctl(&["list_exchanges", "-p", &vh, "name", "type", "durable"])
+        .unwrap();
+    for kind in ["build", "task", "test", "artifact", "log"] {
+        assert!(
+            ex.contains(&format!("exchange/buildbus/v1/{kind}\ttopic\ttrue")),
+            "{ex}"
+        );
+    }
+    assert!(
+        ex.contains("exchange/buildbus/v1/dead-letter\tfanout\ttrue"),
+        "{ex}"
+    );
+    let q = node
+        .rabbitmqctl(&[
+            "list_queues",
+            "-p",
+            &vh,
+            "name",
+            "type",
+            "durable",
+            "arguments",
+        ])
+        .unwrap();
+    assert!(q.contains("queue/buildbus/dsi\tquorum\ttrue"), "{q}");
+    assert!(q.contains("x-delivery-limit"), "{q}");
+    assert!(
+        q.contains("queue/buildbus/dead-letter\tquorum\ttrue"),
+        "{q}"
+    );
+    let b = node
+        .rabbitmqctl(&[
+            "list_bindings",
+            "-p",
+            &vh,
+            "source_name",
+            "destination_name",
+            "routing_key",
+        ])
+        .unwrap();
+    for kind in ["build", "task", "test", "artifact", "log"] {
+        assert!(
+            b.contains(&format!(
+                "exchange/buildbus/v1/{kind}\tqueue/buildbus/dsi\t#"
+            )),
+            "{b}"
+        );
+    }
+}
+
+/// The broker stops in the middle of a publish and comes back: every message arrives,
+/// the publisher resends what was unconfirmed (duplicates allowed here, by id).
+#[test]
+fn broker_outage_during_publish_loses_nothing() {
+    let mut node = RabbitNode::start(&infra_dir()).expect("own broker");
+    let url = node.amqp_url();
+    // A stream long enough to be cut: the fixtures many times, as one file per copy.
+    let dir = tempdir();
+    let mut paths = Vec::new();
+    for i in 0..12 {
+        for f in FILES {
+            let p = dir.path().join(format!("{i}-{}", f.replace('/', "_")));
+            std::fs::copy(fixture(f), &p).unwrap();
+            paths.push(p);
+        }
+    }
+    // Same invocations copied: ids repeat per copy, so the distinct set is the fixtures'.
+    let want = expected_ids(&FILES);
+    let rt = rt();
+    let url2 = url.clone();
+    let paths2 = paths.clone();
+    let publisher = rt.spawn(async move {
+        let mut cfg = PublisherConfig::new(&url2, DEFAULT_EXCHANGE_PREFIX);
+        cfg.window = 16;
+        let mut p = Publisher::<u64>::connect(cfg).await.expect("connect");
+        let ctx = Arc::new(Context::builtin());
+        let mut total = 0;
+        for path in &paths2 {
+            let r = publish_file(&mut p, path, ctx.clone(), &FileOptions::default(), 16)
+                .await
+                .expect("publish survives the outage");
+            total += r.published;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (_, stats) = p.close().await.expect("close");
+        (total, stats)
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    node.stop().expect("stop broker");
+    std::thread::sleep(Duration::from_secs(2));
+    node.start_again().expect("start broker");
+    let (total, stats) = rt.block_on(publisher).expect("publisher task");
+    assert!(stats.reconnects >= 1, "the outage was noticed: {stats:?}");
+    let got = rt.block_on(drain(&url, DSI_QUEUE));
+    let ids: BTreeMap<String, usize> = got.iter().fold(BTreeMap::new(), |mut m, (_, p)| {
+        *m.entry(p.message_id().as_ref().unwrap().to_string())
+            .or_default() += 1;
+        m
+    });
+    let distinct: BTreeSet<String> = ids.keys().cloned().collect();
+    assert_eq!(distinct, want, "every message arrived");
+    assert!(
+        got.len() as u64 >= total,
+        "none lost: {} in queue, {total} confirmed",
+        got.len()
+    );
+}
