@@ -27,6 +27,7 @@
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod dsi;
 pub mod evt;
 pub mod infra;
 pub mod model;

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use super::{Cli, FieldArgs};
 use crate::evt::bazel::codec;
 use crate::evt::bazel::proto::build_event_stream::{build_event::Payload, BuildEvent};
+use crate::evt::framing::{Framer, Next};
 use crate::evt::{translate_file, Context, Format};
 
 /// The read buffer of `translate_file` (`src/evt/stream.rs`), used by the baselines too.
@@ -83,6 +84,11 @@ pub struct TranslateBench {
     /// The Bazel fixtures to repeat.
     #[arg(long, value_name = "DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bazel"))]
     pub fixtures: PathBuf,
+
+    /// Also time the stages: framing and decoding alone (buildbus's `Framer` and codec),
+    /// then translating without serializing the messages.
+    #[arg(long)]
+    pub breakdown: bool,
 
     /// Internal: translate FILE once and print its peak memory as JSON (the child process
     /// of the memory measurement).
@@ -474,14 +480,24 @@ fn baseline_bin(path: &Path) -> anyhow::Result<Pass> {
     })
 }
 
-/// `translate_file` with a sink that serializes every envelope to JSON and drops it.
-fn translate(path: &Path, format: Option<Format>, ctx: &Arc<Context>) -> anyhow::Result<Pass> {
+/// `translate_file` with a sink that serializes every envelope to JSON and drops it (or,
+/// without `serialize`, just drops it).
+fn translate(
+    path: &Path,
+    format: Option<Format>,
+    ctx: &Arc<Context>,
+    serialize: bool,
+) -> anyhow::Result<Pass> {
     let t0 = Instant::now();
     let mut out_bytes = 0u64;
     let report = translate_file(path, format, ctx, &mut |env| {
-        let j = env.to_json();
-        out_bytes += j.len() as u64;
-        black_box(j);
+        if serialize {
+            let j = env.to_json();
+            out_bytes += j.len() as u64;
+            black_box(j);
+        } else {
+            black_box(env);
+        }
     });
     let secs = t0.elapsed().as_secs_f64();
     if let Some(e) = report.errors.first() {
@@ -500,8 +516,48 @@ fn translate(path: &Path, format: Option<Format>, ctx: &Arc<Context>) -> anyhow:
         events: report.events,
         bytes: report.end_offset,
         messages: Some(report.messages),
-        out_bytes: Some(out_bytes),
+        out_bytes: serialize.then_some(out_bytes),
         secs,
+    })
+}
+
+/// buildbus's own framing and decoding of every event, no translation.
+fn decode_only(path: &Path, format: Format, ctx: &Context) -> anyhow::Result<Pass> {
+    let t0 = Instant::now();
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let reader = BufReader::with_capacity(READ_BUF, file);
+    let origin = path.display().to_string();
+    let mut framer = Framer::new(reader, format.framing(), &origin, ctx.max_event_bytes);
+    let decode = match format {
+        Format::BepJson => codec::decode_json,
+        Format::BepBinary => codec::decode_binary,
+    };
+    let (mut events, mut bytes) = (0u64, 0u64);
+    loop {
+        match framer.next_frame() {
+            Next::Frame(f) => {
+                let ev = decode(&f.bytes)
+                    .map_err(|r| anyhow!("{}: {r}", framer.position(f.start, f.index)))?;
+                black_box(ev);
+                events += 1;
+                bytes = f.end;
+            }
+            Next::End { partial: None } => break,
+            Next::End { partial: Some(p) } => {
+                bail!(
+                    "{}: ends inside an event",
+                    framer.position(p.start, p.index)
+                )
+            }
+            Next::Skipped(e) | Next::Failed(e) => bail!("{e}"),
+        }
+    }
+    Ok(Pass {
+        events,
+        bytes,
+        messages: None,
+        out_bytes: None,
+        secs: t0.elapsed().as_secs_f64(),
     })
 }
 
@@ -522,14 +578,14 @@ fn warm(path: &Path) -> anyhow::Result<u64> {
 
 /// Runs each measurement `runs` times, interleaved; keeps the fastest pass of each and
 /// checks that every pass saw the same events.
-fn best_of<const K: usize>(
+fn best_of(
     runs: u32,
-    what: [&str; K],
+    what: &[String],
     mut f: impl FnMut(usize) -> anyhow::Result<Pass>,
     progress: bool,
-) -> anyhow::Result<[Pass; K]> {
+) -> anyhow::Result<Vec<Pass>> {
     let progress = progress && std::io::stderr().is_terminal();
-    let mut best: [Option<Pass>; K] = [None; K];
+    let mut best: Vec<Option<Pass>> = vec![None; what.len()];
     for run in 1..=runs {
         for (k, b) in best.iter_mut().enumerate() {
             if progress {
@@ -551,17 +607,9 @@ fn best_of<const K: usize>(
     if progress {
         eprint!("\r{:<50}\r", "");
     }
-    let mut out = [Pass {
-        events: 0,
-        bytes: 0,
-        messages: None,
-        out_bytes: None,
-        secs: 0.0,
-    }; K];
-    for (o, b) in out.iter_mut().zip(best) {
-        *o = b.ok_or_else(|| anyhow!("no runs"))?;
-    }
-    Ok(out)
+    best.into_iter()
+        .map(|b| b.ok_or_else(|| anyhow!("no runs")))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -587,7 +635,7 @@ fn mib(kb: Option<u64>) -> String {
 /// The child side: translate one file, print events, messages and peak RSS as JSON.
 fn only_translate(path: &Path, ctx: &Arc<Context>) -> anyhow::Result<ExitCode> {
     let before = proc_status_kb("VmHWM");
-    let p = translate(path, None, ctx)?;
+    let p = translate(path, None, ctx, true)?;
     let v = json!({
         "file": path.display().to_string(),
         "events": p.events,
@@ -657,18 +705,52 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-struct Row<'a> {
-    name: &'a str,
-    format: &'a str,
+/// What one timed pass measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// A bare parse: `serde_json::Value` per line, or prost per frame.
+    Baseline,
+    /// buildbus's `Framer` and codec, nothing after.
+    Decode,
+    /// `translate_file`, messages dropped unserialized.
+    NoSink,
+    /// `translate_file`, every message serialized to JSON.
+    Translate,
+}
+
+impl Stage {
+    fn name(self, format: &str) -> String {
+        match self {
+            Stage::Baseline => format!("baseline {format}"),
+            Stage::Decode => "  frame+decode".into(),
+            Stage::NoSink => "  + translate".into(),
+            Stage::Translate => format!("buildbus {format}"),
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Stage::Baseline => "baseline",
+            Stage::Decode => "decode",
+            Stage::NoSink => "translate_no_sink",
+            Stage::Translate => "translate",
+        }
+    }
+}
+
+struct Row {
+    name: String,
+    stage: Stage,
+    format: &'static str,
     pass: Pass,
     ratio: Option<f64>,
 }
 
-impl Row<'_> {
+impl Row {
     fn json(&self) -> Value {
         let p = &self.pass;
         json!({
-            "name": self.name,
+            "stage": self.stage.key(),
             "format": self.format,
             "events": p.events,
             "bytes": p.bytes,
@@ -775,47 +857,66 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
         warm(p)?;
     }
 
-    // JSON.
-    let reset_ok = reset_peak();
-    let [bj, tj] = best_of(
-        a.runs,
-        ["baseline json", "buildbus json"],
-        |k| match k {
-            0 => baseline_json(&big_json),
-            _ => translate(&big_json, Some(Format::BepJson), &ctx),
-        },
-        progress,
-    )?;
-    let hwm_json = proc_status_kb("VmHWM");
-
-    // Binary.
-    reset_peak();
-    let [bb, tb] = best_of(
-        a.runs,
-        ["baseline binary", "buildbus binary"],
-        |k| match k {
-            0 => baseline_bin(&big_bin),
-            _ => translate(&big_bin, Some(Format::BepBinary), &ctx),
-        },
-        progress,
-    )?;
-    let hwm_bin = proc_status_kb("VmHWM");
-
-    for (what, base, tr, w) in [("JSON", &bj, &tj, &wj), ("binary", &bb, &tb, &wb)] {
-        ensure!(
-            base.events == w.events && tr.events == w.events,
-            "{what}: wrote {} events, the baseline saw {}, the translation {}",
-            w.events,
-            base.events,
-            tr.events
-        );
+    // The timed passes, format by format.
+    let mut stages = vec![Stage::Baseline];
+    if a.breakdown {
+        stages.extend([Stage::Decode, Stage::NoSink]);
     }
-    if tj.messages != tb.messages {
-        tracing::warn!(
-            "the JSON stream gave {:?} messages, the binary one {:?}",
-            tj.messages,
-            tb.messages
-        );
+    stages.push(Stage::Translate);
+    let mut rows = Vec::new();
+    let mut hwm = Vec::new();
+    let mut reset_ok = true;
+    for (format, path, w) in [
+        (Format::BepJson, &big_json, &wj),
+        (Format::BepBinary, &big_bin, &wb),
+    ] {
+        let label = match format {
+            Format::BepJson => "json",
+            Format::BepBinary => "binary",
+        };
+        let names: Vec<String> = stages.iter().map(|s| s.name(label)).collect();
+        reset_ok &= reset_peak();
+        let passes = best_of(
+            a.runs,
+            &names,
+            |k| match stages[k] {
+                Stage::Baseline => match format {
+                    Format::BepJson => baseline_json(path),
+                    Format::BepBinary => baseline_bin(path),
+                },
+                Stage::Decode => decode_only(path, format, &ctx),
+                Stage::NoSink => translate(path, Some(format), &ctx, false),
+                Stage::Translate => translate(path, Some(format), &ctx, true),
+            },
+            progress,
+        )?;
+        hwm.push(proc_status_kb("VmHWM"));
+        let base = passes[0].secs;
+        for ((stage, name), pass) in stages.iter().zip(names).zip(passes) {
+            ensure!(
+                pass.events == w.events,
+                "{name}: saw {} events of the {} written",
+                pass.events,
+                w.events
+            );
+            rows.push(Row {
+                name,
+                stage: *stage,
+                format: label,
+                pass,
+                ratio: (*stage != Stage::Baseline).then_some(pass.secs / base),
+            });
+        }
+    }
+    let hwm_json = hwm.first().copied().flatten();
+    let hwm_bin = hwm.get(1).copied().flatten();
+    let messages: Vec<Option<u64>> = rows
+        .iter()
+        .filter(|r| r.stage == Stage::Translate)
+        .map(|r| r.pass.messages)
+        .collect();
+    if messages.windows(2).any(|w| w[0] != w[1]) {
+        tracing::warn!("the JSON and binary streams gave different message counts: {messages:?}");
     }
 
     // Memory in fresh processes: a long stream against a ten times shorter one.
@@ -837,32 +938,6 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
         eprint!("\r{:<40}\r", "");
     }
 
-    let rows = [
-        Row {
-            name: "baseline json",
-            format: "json",
-            pass: bj,
-            ratio: None,
-        },
-        Row {
-            name: "buildbus json",
-            format: "json",
-            pass: tj,
-            ratio: Some(tj.secs / bj.secs),
-        },
-        Row {
-            name: "baseline binary",
-            format: "binary",
-            pass: bb,
-            ratio: None,
-        },
-        Row {
-            name: "buildbus binary",
-            format: "binary",
-            pass: tb,
-            ratio: Some(tb.secs / bb.secs),
-        },
-    ];
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = cpu_model();
 
@@ -1010,8 +1085,16 @@ mod tests {
         let wb = write_stream(&b, &bs, per_cycle * 2, 7, false).unwrap();
         assert_eq!(wj.builds, 10);
         assert_eq!(wb.builds, 10);
-        let tj = translate(&j, Some(Format::BepJson), &ctx).unwrap();
-        let tb = translate(&b, Some(Format::BepBinary), &ctx).unwrap();
+        let tj = translate(&j, Some(Format::BepJson), &ctx, true).unwrap();
+        let tb = translate(&b, Some(Format::BepBinary), &ctx, true).unwrap();
+        assert_eq!(
+            decode_only(&j, Format::BepJson, &ctx).unwrap().events,
+            wj.events
+        );
+        assert_eq!(
+            decode_only(&b, Format::BepBinary, &ctx).unwrap().events,
+            wb.events
+        );
         assert_eq!(tj.events, wj.events);
         assert_eq!(tb.events, wb.events);
         assert_eq!(tj.messages, tb.messages);

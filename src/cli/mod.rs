@@ -2,7 +2,9 @@
 //! subcommand. `anyhow` is used here and nowhere else in the library.
 
 mod bench;
+mod dsi;
 mod publish;
+mod query;
 mod translate;
 
 use std::path::PathBuf;
@@ -40,6 +42,8 @@ pub enum Command {
     Translate(translate::TranslateArgs),
     Publish(publish::PublishArgs),
     Setup(publish::SetupArgs),
+    Dsi(dsi::DsiArgs),
+    Query(query::QueryArgs),
     Bench(bench::BenchArgs),
 }
 
@@ -122,6 +126,8 @@ pub fn main() -> ExitCode {
         Command::Translate(a) => translate::run(&cli, a),
         Command::Publish(a) => publish::publish(&cli, a),
         Command::Setup(a) => publish::setup(&cli, a),
+        Command::Dsi(a) => dsi::run(&cli, a),
+        Command::Query(a) => query::run(&cli, a),
         Command::Bench(a) => bench::run(&cli, a),
     };
     match result {

@@ -363,7 +363,10 @@ fn output_tail(stdout: &[u8], stderr: &[u8]) -> String {
 /// Spawn `cmd`, mapping "not found" to [`InfraError::MissingBinary`].
 fn spawn(cmd: &mut Command) -> Result<Child> {
     cmd.spawn().map_err(|e| {
-        if e.kind() == io::ErrorKind::NotFound {
+        let program = Path::new(cmd.get_program());
+        // NotFound may also mean a missing working directory.
+        let program_missing = program.components().count() == 1 || !program.exists();
+        if e.kind() == io::ErrorKind::NotFound && program_missing {
             InfraError::MissingBinary {
                 program: cmd.get_program().to_string_lossy().into_owned(),
                 looked_in: "the given path".to_string(),

@@ -190,3 +190,66 @@ pub async fn drain(url: &str, queue: &str) -> Vec<(Vec<u8>, lapin::BasicProperti
     let _ = conn.close(200, "bye".into()).await;
     out
 }
+
+use buildbus::infra::postgres::PgCluster;
+
+/// The shared PostgreSQL cluster.
+pub fn pg() -> &'static PgCluster {
+    static PG: OnceLock<PgCluster> = OnceLock::new();
+    PG.get_or_init(|| {
+        PgCluster::start(&infra_dir()).expect("start PostgreSQL 15 (run scripts/ensure-deps.sh)")
+    })
+}
+
+/// A fresh database on the shared cluster; returns its URL.
+pub fn pg_database(name: &str) -> String {
+    let c = pg();
+    let db = format!("{name}_{}", std::process::id()).replace('-', "_");
+    c.psql(&format!("CREATE DATABASE {db}"))
+        .expect("create database");
+    format!("postgres://{}@127.0.0.1:{}/{db}", c.user(), c.port())
+}
+
+/// The store URLs a DSI test runs against: a fresh SQLite file and a fresh PG database.
+pub fn store_urls(name: &str, dir: &Path) -> Vec<String> {
+    vec![
+        format!("sqlite:{}", dir.join(format!("{name}.db")).display()),
+        pg_database(name),
+    ]
+}
+
+/// Counts rows of a store, from a plain thread (store drivers block).
+pub fn store_counts(url: &str) -> buildbus::dsi::store::TableCounts {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        buildbus::dsi::store::open(&url)
+            .expect("open store")
+            .counts()
+            .expect("counts")
+    })
+    .join()
+    .expect("counts thread")
+}
+
+/// Copies a JSON BEP fixture with its invocation id replaced, so it is another build.
+pub fn renamed_copy(rel: &str, dir: &Path, n: usize) -> PathBuf {
+    let text = std::fs::read_to_string(fixture(rel)).expect("fixture");
+    let msgs = clean(rel);
+    let old = &msgs[0].payload.common().build_id;
+    let new = format!("{:08x}-0000-4000-8000-{:012x}", n, n);
+    let p = dir.join(format!("{n}-{}", rel.replace('/', "_")));
+    std::fs::write(&p, text.replace(old.as_str(), &new)).expect("write copy");
+    p
+}
+
+/// Waits (at most `secs`) until `cond` holds; true if it did.
+pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    cond()
+}

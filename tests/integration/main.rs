@@ -9,4 +9,5 @@ mod bazel;
 mod bus;
 mod cli;
 mod fuzz;
+mod pipeline;
 mod schema;
