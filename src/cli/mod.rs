@@ -2,6 +2,7 @@
 //! subcommand. `anyhow` is used here and nowhere else in the library.
 
 mod bench;
+mod demo;
 mod dsi;
 mod publish;
 mod query;
@@ -43,6 +44,7 @@ pub enum Command {
     Publish(publish::PublishArgs),
     Setup(publish::SetupArgs),
     Dsi(dsi::DsiArgs),
+    Demo(demo::DemoArgs),
     Query(query::QueryArgs),
     Bench(bench::BenchArgs),
 }
@@ -127,6 +129,7 @@ pub fn main() -> ExitCode {
         Command::Publish(a) => publish::publish(&cli, a),
         Command::Setup(a) => publish::setup(&cli, a),
         Command::Dsi(a) => dsi::run(&cli, a),
+        Command::Demo(a) => demo::run(&cli, a),
         Command::Query(a) => query::run(&cli, a),
         Command::Bench(a) => bench::run(&cli, a),
     };

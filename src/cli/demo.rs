@@ -1,0 +1,168 @@
+//! `buildbus demo`: the whole pipeline on this machine, on the bundled real streams.
+//!
+//! Starts a private RabbitMQ node (own port and folder), publishes every bundled Bazel
+//! stream with confirms, runs a pool of DSI workers into a demo SQLite file until every
+//! message is stored, prints `query builds` and one build in detail, and stops the node.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::{Cli, FieldArgs};
+use crate::bus::publish::{Publisher, PublisherConfig};
+use crate::bus::source::{publish_file, FileOptions};
+use crate::dsi::worker::{run_pool, DsiConfig, DsiStats};
+use crate::infra::rabbitmq::RabbitNode;
+
+const EXAMPLES: &str = "\
+Examples:
+  buildbus demo
+  buildbus demo --fixtures tests/fixtures --dir .demo --keep-broker
+
+scripts/demo.sh installs what is missing (RabbitMQ) and runs this.";
+
+/// Run the whole pipeline on the bundled real build streams and show the result.
+#[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
+pub struct DemoArgs {
+    /// Where the bundled streams are.
+    #[arg(long, default_value = "tests/fixtures", value_name = "DIR")]
+    pub fixtures: PathBuf,
+    /// Working folder: the broker's data and the demo store (demo.db).
+    #[arg(long, default_value = ".demo", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// DSI workers.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+}
+
+fn step(t: Instant, what: &str) {
+    eprintln!("[{:>6.1}s] {what}", t.elapsed().as_secs_f64());
+}
+
+pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
+    let t = Instant::now();
+    let (cfg, ctx) = super::context(cli.config.as_deref(), &FieldArgs::default())?;
+    let ctx = Arc::new(ctx);
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    let store_path = a.dir.join("demo.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", store_path.display()));
+    }
+    let store = format!("sqlite:{}", store_path.display());
+    let mut files: Vec<PathBuf> = Vec::new();
+    for sub in ["bazel", "bazel/bazel-2.1.0"] {
+        let dir = a.fixtures.join(sub);
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                !name.starts_with("bes_capture")
+                    && (name.ends_with(".json") && sub == "bazel"
+                        || name.ends_with(".bin") && sub != "bazel")
+            })
+            .collect();
+        found.sort();
+        files.extend(found);
+    }
+    step(t, "starting a private RabbitMQ node");
+    let node = RabbitNode::start(&std::fs::canonicalize(&a.dir)?)
+        .context("starting RabbitMQ (scripts/ensure-deps.sh installs it)")?;
+    let url = node.amqp_url();
+    step(t, &format!("broker up on 127.0.0.1:{}", node.amqp_port()));
+    let rt = super::publish::runtime()?;
+    let published = rt.block_on(async {
+        let mut p =
+            Publisher::<u64>::connect(PublisherConfig::new(&url, &cfg.bus.exchange_prefix)).await?;
+        let mut total = 0;
+        for f in &files {
+            let r = publish_file(&mut p, f, ctx.clone(), &FileOptions::default(), 512).await?;
+            step(
+                t,
+                &format!(
+                    "published {:>3} messages from {} ({} events, confirmed by the broker)",
+                    r.published,
+                    f.display(),
+                    r.stream.events
+                ),
+            );
+            total += r.published;
+        }
+        p.close().await?;
+        anyhow::Ok(total)
+    })?;
+    step(
+        t,
+        &format!("running {} DSI workers into {store}", a.workers),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(DsiStats::default());
+    let dcfg = DsiConfig {
+        url: url.clone(),
+        exchange_prefix: cfg.bus.exchange_prefix.clone(),
+        store_url: store.clone(),
+        workers: a.workers,
+        prefetch: 500,
+        batch: 200,
+        batch_wait: Duration::from_millis(20),
+    };
+    let pool = rt.spawn(run_pool(dcfg, stop.clone(), stats.clone()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = stats.stored.load(Ordering::Relaxed) + stats.duplicates.load(Ordering::Relaxed);
+        if n >= published || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(pool)??;
+    step(
+        t,
+        &format!(
+            "stored {} messages ({} duplicates skipped, {} dead-lettered)",
+            stats.stored.load(Ordering::Relaxed),
+            stats.duplicates.load(Ordering::Relaxed),
+            stats.dead_lettered.load(Ordering::Relaxed)
+        ),
+    );
+    drop(node);
+    step(t, "broker stopped; what the DSI stored:");
+    let exe = std::env::current_exe()?;
+    let status = Command::new(&exe)
+        .args(["query", "builds", "--store", &store])
+        .status()?;
+    let failed = Command::new(&exe)
+        .args([
+            "query", "builds", "--store", &store, "--result", "failure", "--json",
+        ])
+        .output()?;
+    let rows: serde_json::Value = serde_json::from_slice(&failed.stdout).unwrap_or_default();
+    // Show the most telling build in detail: a failed test run if there is one.
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    let pick = rows
+        .iter()
+        .find(|b| b.to_string().contains("//tests/"))
+        .or(rows.first());
+    if let Some(id) = pick.and_then(|b| b["build_id"].as_str()) {
+        eprintln!("\n$ buildbus query build {id}");
+        Command::new(&exe)
+            .args(["query", "build", id, "--store", &store])
+            .status()?;
+    }
+    eprintln!(
+        "\nThe store stays in {}: try `buildbus query builds --store {store}`.",
+        store_path.display()
+    );
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
