@@ -211,7 +211,11 @@ fn run<R: BufRead, T: Translator>(
         }
         std::thread::sleep(f.poll);
     };
-    if let Some(p) = partial {
+    // A follower stopped from outside before the stream was complete keeps what the
+    // translator holds and the partial event: both are taken up when it resumes (the
+    // messages then with the build's whole context, not now with part of it).
+    let stopped = follow.is_some_and(|f| f.stop.load(Ordering::Relaxed)) && !tr.complete();
+    if let Some(p) = partial.filter(|_| !stopped) {
         let pos = framer.position(p.start, p.index);
         // A last JSON line without its newline is fine if it is complete.
         let last = (format.framing() == Framing::JsonLines && !p.bytes.is_empty())
@@ -244,11 +248,13 @@ fn run<R: BufRead, T: Translator>(
         }
     }
     let end = report.end_offset;
-    let mut count = |env| {
-        report.messages += 1;
-        out(Progress::Message(Box::new(env), end))
-    };
-    tr.finish(&mut count);
+    if !stopped {
+        let mut count = |env| {
+            report.messages += 1;
+            out(Progress::Message(Box::new(env), end))
+        };
+        tr.finish(&mut count);
+    }
     out(Progress::Through(end));
 }
 

@@ -230,3 +230,79 @@ fn broker_outage_during_publish_loses_nothing() {
         got.len()
     );
 }
+
+/// `publish --follow` tails a growing file: appended events (and a line finished later)
+/// are picked up, and it exits once the build's stream is complete.
+#[test]
+fn follow_picks_up_appended_events_and_resumes_from_its_checkpoint() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let (url, _) = vhost("bus-follow");
+    let dir = tempdir();
+    let src = std::fs::read(fixture("bazel/test_mixed.json")).unwrap();
+    let path = dir.path().join("growing.json");
+    let state = dir.path().join("state");
+    // The first 80%, cut inside a line (past the events the build's context needs).
+    let cut = src.len() * 8 / 10;
+    std::fs::write(&path, &src[..cut]).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_buildbus"))
+        .args(["publish", "--follow", "--url", &url, "--checkpoint-dir"])
+        .arg(&state)
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "still following");
+    // Interrupt it: what was confirmed is checkpointed.
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let first: u64 = err
+        .split(" messages published")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(first > 0, "{err}");
+    let first_err = err.clone();
+    // Follow again from the checkpoint while the rest arrives in pieces.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_buildbus"))
+        .args(["publish", "--follow", "--url", &url, "--checkpoint-dir"])
+        .arg(&state)
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    for chunk in src[cut..].chunks(3000) {
+        f.write_all(chunk).unwrap();
+        f.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let ok = wait_until(30, || child.try_wait().unwrap().is_some());
+    assert!(ok, "publish --follow exits after lastMessage");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("{first} skipped")), "the second run skipped the first run's messages: {err}\nfirst run: {first_err}\ncheckpoints: {:?}", std::fs::read_dir(&state).map(|d| d.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect::<Vec<_>>()));
+    let want = expected_ids(&["bazel/test_mixed.json"]);
+    let got = rt().block_on(drain(&url, DSI_QUEUE));
+    let ids: Vec<String> = got
+        .iter()
+        .map(|(_, p)| p.message_id().as_ref().unwrap().to_string())
+        .collect();
+    let distinct: BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(distinct, want, "every message published");
+    assert_eq!(
+        ids.len(),
+        want.len(),
+        "and none twice: the checkpoint worked"
+    );
+}

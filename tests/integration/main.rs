@@ -8,6 +8,7 @@ mod harness;
 mod bazel;
 mod bus;
 mod cli;
+mod dsi_store;
 mod fuzz;
 mod pipeline;
 mod schema;

@@ -430,7 +430,7 @@ fn validate(env: &Envelope) -> Result<Msg<'_>, String> {
     let kind = env.payload.kind();
     if meta.kind != kind {
         return Err(format!(
-            "_meta.kind is {} but the payload is a {kind}",
+            "_meta.kind is {} but the payload is of kind {kind}",
             meta.kind
         ));
     }
