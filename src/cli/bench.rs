@@ -45,8 +45,19 @@ const UUID_LEN: usize = 36;
 /// A baseline frame over this is treated as corrupt input rather than allocated.
 const MAX_FRAME: u64 = 256 * 1024 * 1024;
 
+const BENCH_EXAMPLES: &str = "\
+Examples:
+  # Translation throughput and memory, beside a bare parse of the same events
+  cargo run --release -- bench translate
+  # Publish rate, DSI rows/s (1, 2, 4 workers; SQLite and PostgreSQL), latency
+  cargo run --release -- bench pipeline
+  cargo run --release -- bench pipeline --messages 20000 --workers 1,2 --no-postgres
+
+Figures go in BENCHMARKS.md; tests never assert speed.";
+
 /// Measure buildbus on generated inputs.
 #[derive(Debug, Args)]
+#[command(after_help = BENCH_EXAMPLES)]
 pub struct BenchArgs {
     #[command(subcommand)]
     pub what: BenchWhat,
@@ -56,6 +67,8 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Translation throughput and memory against a bare parse of the same events.
     Translate(TranslateBench),
+    /// Publish rate, DSI storage rate and end-to-end latency on private servers.
+    Pipeline(super::bench_pipeline::PipelineBench),
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +112,27 @@ pub struct TranslateBench {
 pub fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<ExitCode> {
     match &a.what {
         BenchWhat::Translate(t) => run_translate(cli, t),
+        BenchWhat::Pipeline(p) => super::bench_pipeline::run(cli, p),
+    }
+}
+
+/// Progress on stderr (`say!(END, fmt, args..)`, END being `""` or `"\n"`); a closed
+/// stderr is ignored rather than a panic.
+macro_rules! say {
+    ($end:literal, $($arg:tt)*) => {{
+        let mut e = std::io::stderr().lock();
+        let _ = e.write_fmt(format_args!($($arg)*));
+        let _ = e.write_all($end.as_bytes());
+        let _ = e.flush();
+    }};
+}
+
+/// Writes the results; a closed pipe (`| head`) is not an error.
+fn stdout(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
     }
 }
 
@@ -110,7 +144,8 @@ struct Template {
     name: String,
     /// The whole invocation: JSON lines with `\n`, or varint-delimited frames.
     bytes: Vec<u8>,
-    /// Where the invocation's uuid occurs in `bytes` (the started event's at least).
+    /// Where the invocation's uuid occurs in `bytes`: in the started event, and anywhere
+    /// else it is repeated (replaced there too, so a repetition is a new invocation).
     uuid_at: Vec<usize>,
     events: u64,
 }
@@ -174,13 +209,6 @@ fn template(
         inside == 1,
         "{name}: the uuid occurs {inside} times in the started event (expected once)"
     );
-    if uuid_at.len() > 1 {
-        tracing::info!(
-            "{name}: the invocation uuid also occurs {} times outside the started event; \
-             replaced there too",
-            uuid_at.len() - 1
-        );
-    }
     let t = Template {
         name,
         bytes,
@@ -352,7 +380,8 @@ fn write_stream(
         done.builds += 1;
         if live && done.events - shown >= 50_000 {
             shown = done.events;
-            eprint!(
+            say!(
+                "",
                 "\rgenerating {label}: {} / {target} events, {:.1} MB",
                 done.events,
                 mb(done.bytes)
@@ -362,7 +391,8 @@ fn write_stream(
     w.flush()
         .with_context(|| format!("writing {}", path.display()))?;
     if progress {
-        eprintln!(
+        say!(
+            "\n",
             "{}generated {label}: {} events in {} builds, {:.1} MB",
             if live { "\r" } else { "" },
             done.events,
@@ -389,6 +419,9 @@ struct Pass {
     /// Bytes of serialized envelopes.
     out_bytes: Option<u64>,
     secs: f64,
+    /// CPU time of this thread during the pass (filled in by [`best_of`]): less disturbed
+    /// than `secs` by other processes on a busy machine.
+    cpu: Option<f64>,
 }
 
 /// Reads every JSON line (same buffer size as `translate_file`) and parses it into a
@@ -425,6 +458,7 @@ fn baseline_json(path: &Path) -> anyhow::Result<Pass> {
         messages: None,
         out_bytes: None,
         secs: t0.elapsed().as_secs_f64(),
+        cpu: None,
     })
 }
 
@@ -477,6 +511,7 @@ fn baseline_bin(path: &Path) -> anyhow::Result<Pass> {
         messages: None,
         out_bytes: None,
         secs: t0.elapsed().as_secs_f64(),
+        cpu: None,
     })
 }
 
@@ -502,7 +537,7 @@ fn translate(
     let secs = t0.elapsed().as_secs_f64();
     if let Some(e) = report.errors.first() {
         bail!(
-            "{} errors translating {} (first: {e})",
+            "{} error(s) translating {} (first: {e})",
             report.errors.len(),
             path.display()
         );
@@ -518,6 +553,7 @@ fn translate(
         messages: Some(report.messages),
         out_bytes: serialize.then_some(out_bytes),
         secs,
+        cpu: None,
     })
 }
 
@@ -558,6 +594,7 @@ fn decode_only(path: &Path, format: Format, ctx: &Context) -> anyhow::Result<Pas
         messages: None,
         out_bytes: None,
         secs: t0.elapsed().as_secs_f64(),
+        cpu: None,
     })
 }
 
@@ -576,8 +613,18 @@ fn warm(path: &Path) -> anyhow::Result<u64> {
     }
 }
 
-/// Runs each measurement `runs` times, interleaved; keeps the fastest pass of each and
-/// checks that every pass saw the same events.
+/// CPU time this thread has run, in ns (`/proc/thread-self/schedstat`).
+fn thread_cpu_ns() -> Option<u64> {
+    fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Runs each measurement `runs` times, interleaved; keeps the fastest pass of each (and
+/// the least CPU time, separately) and checks that every pass saw the same events.
 fn best_of(
     runs: u32,
     what: &[String],
@@ -589,9 +636,13 @@ fn best_of(
     for run in 1..=runs {
         for (k, b) in best.iter_mut().enumerate() {
             if progress {
-                eprint!("\r{:<50}", format!("{} (run {run}/{runs})", what[k]));
+                say!("", "\r{:<50}", format!("{} (run {run}/{runs})", what[k]));
             }
-            let p = f(k)?;
+            let cpu0 = thread_cpu_ns();
+            let mut p = f(k)?;
+            p.cpu = cpu0
+                .zip(thread_cpu_ns())
+                .map(|(a, b)| b.saturating_sub(a) as f64 / 1e9);
             if let Some(prev) = b {
                 ensure!(
                     (prev.events, prev.bytes, prev.messages) == (p.events, p.bytes, p.messages),
@@ -599,13 +650,21 @@ fn best_of(
                     what[k]
                 );
             }
+            // The best wall time and, on its own, the best CPU time.
+            let cpu = match (b.and_then(|prev| prev.cpu), p.cpu) {
+                (Some(x), Some(y)) => Some(x.min(y)),
+                (x, y) => x.or(y),
+            };
             if b.is_none_or(|prev| p.secs < prev.secs) {
                 *b = Some(p);
+            }
+            if let Some(b) = b {
+                b.cpu = cpu;
             }
         }
     }
     if progress {
-        eprint!("\r{:<50}\r", "");
+        say!("", "\r{:<50}\r", "");
     }
     best.into_iter()
         .map(|b| b.ok_or_else(|| anyhow!("no runs")))
@@ -645,7 +704,7 @@ fn only_translate(path: &Path, ctx: &Arc<Context>) -> anyhow::Result<ExitCode> {
         "vm_hwm_kb_before": before,
         "vm_hwm_kb": proc_status_kb("VmHWM"),
     });
-    println!("{v}");
+    stdout(&format!("{v}\n"))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -744,6 +803,7 @@ struct Row {
     format: &'static str,
     pass: Pass,
     ratio: Option<f64>,
+    cpu_ratio: Option<f64>,
 }
 
 impl Row {
@@ -759,7 +819,9 @@ impl Row {
             "mb_per_sec": mb(p.bytes) / p.secs,
             "messages": p.messages,
             "message_bytes": p.out_bytes,
+            "cpu_seconds": p.cpu,
             "ratio_to_baseline": self.ratio,
+            "cpu_ratio_to_baseline": self.cpu_ratio,
         })
     }
 }
@@ -799,6 +861,12 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
         bin_reenc += re;
         bin_t.push(t);
     }
+    // Occurrences of the fixture uuids outside their started events (replaced as well).
+    let uuid_elsewhere: usize = json_t
+        .iter()
+        .chain(&bin_t)
+        .map(|t| t.uuid_at.len() - 1)
+        .sum();
     for (j, b) in json_t.iter().zip(&bin_t) {
         if j.events != b.events {
             tracing::warn!(
@@ -848,7 +916,7 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
     let sj = write_stream(&small_json, &json_t, small_events, seed, progress)?;
     let sb = write_stream(&small_bin, &bin_t, small_events, seed, progress)?;
     if progress {
-        eprintln!("streams in {}", dir.display());
+        say!("\n", "streams in {}", dir.display());
     }
     let hwm_generate = proc_status_kb("VmHWM");
 
@@ -891,7 +959,7 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
             progress,
         )?;
         hwm.push(proc_status_kb("VmHWM"));
-        let base = passes[0].secs;
+        let (base, base_cpu) = (passes[0].secs, passes[0].cpu);
         for ((stage, name), pass) in stages.iter().zip(names).zip(passes) {
             ensure!(
                 pass.events == w.events,
@@ -905,6 +973,9 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
                 format: label,
                 pass,
                 ratio: (*stage != Stage::Baseline).then_some(pass.secs / base),
+                cpu_ratio: (*stage != Stage::Baseline)
+                    .then(|| Some(pass.cpu? / base_cpu?))
+                    .flatten(),
             });
         }
     }
@@ -922,7 +993,7 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
     // Memory in fresh processes: a long stream against a ten times shorter one.
     let live = progress && std::io::stderr().is_terminal();
     if live {
-        eprint!("\rpeak memory in child processes...");
+        say!("", "\rpeak memory in child processes...");
     }
     let mut children = Vec::new();
     for (format, label, path) in [
@@ -935,7 +1006,7 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
         children.push((format, label, v));
     }
     if live {
-        eprint!("\r{:<40}\r", "");
+        say!("", "\r{:<40}\r", "");
     }
 
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -952,6 +1023,7 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
                 "small_json": { "events": sj.events, "bytes": sj.bytes },
                 "small_binary": { "events": sb.events, "bytes": sb.bytes },
                 "binary_fixture_bytes": bin_orig,
+                "fixture_uuid_occurrences_outside_started": uuid_elsewhere,
                 "binary_fixture_bytes_if_reencoded": bin_reenc,
             },
             "results": rows.iter().map(Row::json).collect::<Vec<_>>(),
@@ -963,7 +1035,7 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
                 "children": children.iter().map(|(f, l, v)| json!({"format": f, "stream": l, "result": v})).collect::<Vec<_>>(),
             },
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        stdout(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -985,14 +1057,24 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<16} {:>10} {:>9} {:>8} {:>11} {:>8} {:>10} {:>9} {:>6}",
-        "", "events", "MB", "best s", "events/s", "MB/s", "messages", "msg MB", "ratio"
+        "{:<16} {:>10} {:>7} {:>7} {:>10} {:>7} {:>9} {:>7} {:>6} {:>7} {:>6}",
+        "",
+        "events",
+        "MB",
+        "best s",
+        "events/s",
+        "MB/s",
+        "messages",
+        "msg MB",
+        "ratio",
+        "cpu s",
+        "cpu r"
     );
     for r in &rows {
         let p = &r.pass;
         let _ = writeln!(
             o,
-            "{:<16} {:>10} {:>9.1} {:>8.3} {:>11} {:>8.1} {:>10} {:>9} {:>6}",
+            "{:<16} {:>10} {:>7.1} {:>7.3} {:>10} {:>7.1} {:>9} {:>7} {:>6} {:>7} {:>6}",
             r.name,
             thousands(p.events),
             mb(p.bytes),
@@ -1002,10 +1084,21 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
             p.messages.map_or("-".into(), thousands),
             p.out_bytes.map_or("-".into(), |b| format!("{:.1}", mb(b))),
             r.ratio.map_or("-".into(), |x| format!("{x:.2}x")),
+            p.cpu.map_or("-".into(), |x| format!("{x:.3}")),
+            r.cpu_ratio.map_or("-".into(), |x| format!("{x:.2}x")),
         );
     }
     let _ = writeln!(o);
-    let _ = writeln!(o, "ratio: translate time / baseline time (target: <= 2x)");
+    let _ = writeln!(
+        o,
+        "ratio: best wall time / the baseline's (target: <= 2x); cpu s, cpu r: the same \
+         with this thread's CPU time,\nsteadier when other processes compete for the cores \
+         (load average at the end: {})",
+        fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "n/a".into())
+    );
     let since = if reset_ok {
         "since the phase began"
     } else {
@@ -1037,13 +1130,18 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
     }
     let _ = writeln!(
         o,
+        "fixture uuids outside the started events: {uuid_elsewhere} (every occurrence gets the \
+         fresh uuid)"
+    );
+    let _ = writeln!(
+        o,
         "binary fixtures: {bin_orig} bytes as Bazel wrote them, {bin_reenc} if re-encoded with \
          buildbus's BEP subset (the streams keep Bazel's bytes)"
     );
     if a.keep {
         let _ = writeln!(o, "kept the streams in {}", dir.display());
     }
-    print!("{o}");
+    stdout(&o)?;
     Ok(ExitCode::SUCCESS)
 }
 

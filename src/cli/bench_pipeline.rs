@@ -127,16 +127,17 @@ async fn publish_raw(url: &str, msgs: &[Outgoing]) -> anyhow::Result<f64> {
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let t = Instant::now();
     for m in msgs {
-        // Dropping the confirm future: all are awaited at once below.
-        let _ = ch
-            .basic_publish(
+        // The confirm future is dropped: all are awaited at once below.
+        drop(
+            ch.basic_publish(
                 m.exchange.as_str().into(),
                 m.routing_key.as_str().into(),
                 BasicPublishOptions::default(),
                 &m.body,
                 m.properties.clone(),
             )
-            .await?;
+            .await?,
+        );
     }
     ch.wait_for_confirms().await?;
     let secs = t.elapsed().as_secs_f64();
