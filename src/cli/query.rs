@@ -201,8 +201,7 @@ fn or_dash(v: &Option<String>) -> String {
 /// `2026-11-21T10:56:22.869Z` as `2026-11-21 10:56:22`.
 fn short_time(t: &Option<String>) -> String {
     match t {
-        Some(t) if t.len() >= 19 => t[..19].replacen('T', " ", 1),
-        Some(t) => t.clone(),
+        Some(t) => t.get(..19).unwrap_or(t).replacen('T', " ", 1),
         None => "-".to_string(),
     }
 }
@@ -249,8 +248,20 @@ fn table(indent: &str, headers: &[&str], rows: &[Vec<String>]) -> String {
 /// Columns padded to their widest cell (the last one is not padded), each line
 /// prefixed with `indent`.
 fn aligned(indent: &str, rows: &[Vec<String>]) -> String {
+    // A cell is one line: the first, marked when there are more.
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|c| match c.trim_end().split_once('\n') {
+                    Some((first, _)) => format!("{} …", first.trim_end()),
+                    None => c.trim_end().to_string(),
+                })
+                .collect()
+        })
+        .collect();
     let mut widths: Vec<usize> = Vec::new();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             let n = c.chars().count();
             match widths.get_mut(i) {
@@ -260,7 +271,7 @@ fn aligned(indent: &str, rows: &[Vec<String>]) -> String {
         }
     }
     let mut out = String::new();
-    for r in rows {
+    for r in &rows {
         let mut line = String::from(indent);
         for (i, c) in r.iter().enumerate() {
             if i + 1 < r.len() {
@@ -410,7 +421,7 @@ fn build_detail(d: &BuildDetail) -> String {
                     t.task.clone(),
                     t.outcome.clone(),
                     t.exit_code.map_or("-".to_string(), |c| c.to_string()),
-                    or_dash(&t.failure),
+                    clip(&or_dash(&t.failure), 120),
                 ]
             })
             .collect();
@@ -481,7 +492,7 @@ fn build_detail(d: &BuildDetail) -> String {
             };
             let _ = writeln!(out, "  {:<8}  {place}{first}", l.level);
             for more in lines {
-                let _ = writeln!(out, "  {:<8}  {more}", "");
+                let _ = writeln!(out, "{}", format!("  {:<8}  {more}", "").trim_end());
             }
         }
     }

@@ -1016,6 +1016,75 @@ fn unreachable_stores_fail_with_their_name() {
     assert!(e.is_transient(), "{text}");
 }
 
+#[test]
+fn postgres_retries_deadlocks_and_lost_connections() {
+    let db = Db::new(Backend::Postgres);
+    let mut st = db.open();
+    // The first two attempts meet a deadlock, the third goes through.
+    db.exec(
+        "CREATE SEQUENCE boom_seq; \
+         CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF nextval('boom_seq') <= 2 THEN \
+             RAISE EXCEPTION 'simulated deadlock' USING ERRCODE = 'deadlock_detected'; \
+           END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER boom BEFORE INSERT ON builds FOR EACH ROW EXECUTE FUNCTION boom();",
+    );
+    let envs = clean("bazel/test_mixed.json");
+    assert_eq!(st.write_batch(&envs).unwrap().new_messages, 39);
+    assert_eq!(st.counts().unwrap(), counts_of([39, 1, 4, 11, 22, 0]));
+    let tries: i64 = postgres::Client::connect(&db.url, postgres::NoTls)
+        .unwrap()
+        .query_one("SELECT last_value FROM boom_seq", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        tries, 3,
+        "two failed attempts, then the one that went through"
+    );
+
+    // Always failing: a transient error after the last attempt, nothing written.
+    db.exec(
+        "CREATE OR REPLACE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE EXCEPTION 'simulated conflict' USING ERRCODE = 'serialization_failure'; \
+         END $$;",
+    );
+    let e = st
+        .write_batch(&clean("bazel/build_ok.json"))
+        .expect_err("never goes through");
+    let text = e.to_string();
+    assert!(e.is_transient(), "{text}");
+    assert!(text.contains("simulated conflict"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "(after {} attempts)",
+            store::postgres::MAX_ATTEMPTS
+        )),
+        "{text}"
+    );
+    assert_eq!(st.counts().unwrap(), counts_of([39, 1, 4, 11, 22, 0]));
+    db.exec("DROP TRIGGER boom ON builds");
+
+    // The server drops the connection between two batches: the store reconnects.
+    let dbname = db.url.rsplit('/').next().unwrap();
+    let killed: i64 = postgres::Client::connect(&db.url, postgres::NoTls)
+        .unwrap()
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'buildbus-dsi'",
+            &[&dbname],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    assert_eq!(
+        st.write_batch(&clean("bazel/build_ok.json"))
+            .unwrap()
+            .new_messages,
+        17
+    );
+    assert_eq!(st.counts().unwrap(), counts_of([56, 2, 14, 11, 27, 0]));
+}
+
 // ---------------------------------------------------------------------------------------
 // The command line.
 

@@ -217,7 +217,9 @@ pub enum StoreError {
         message_id: String,
         reason: String,
     },
-    /// The database failed; for a write, nothing of the batch was written.
+    /// The database failed; for a write, nothing of the batch was written (unless the
+    /// connection was lost during the commit, when it may have been: writing the batch
+    /// again is always safe).
     #[error("{store}: {action} failed{}: {reason}", if *.transient { " (transient)" } else { "" })]
     Db {
         store: String,
