@@ -266,8 +266,13 @@ impl Worker {
             match self.store.write(envs).await {
                 Ok(stats) => {
                     self.count(&stats);
-                    for (d, _) in &good {
-                        ack(d).await?;
+                    // Deliveries on a channel are handled in order, so everything before
+                    // the batch's last delivery is already settled: one multiple ack.
+                    if let Some((last, _)) = good.last() {
+                        last.acker
+                            .ack(BasicAckOptions { multiple: true })
+                            .await
+                            .map_err(BusError::amqp("ack"))?;
                     }
                     return Ok(());
                 }
