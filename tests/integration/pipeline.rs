@@ -172,7 +172,6 @@ fn a_broker_outage_loses_nothing_and_stores_nothing_twice() {
         .collect();
     let msgs = translated(&paths);
     let want = expected_counts(&msgs);
-    let store = format!("sqlite:{}", dir.path().join("outage.db").display());
     let mut args = vec![
         "publish".to_string(),
         "--no-checkpoint".into(),
@@ -195,8 +194,15 @@ fn a_broker_outage_loses_nothing_and_stores_nothing_twice() {
     let out = publisher.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    run_dsi_until(&url, &store, 2, want.messages);
-    assert_eq!(store_counts(&store), want, "0 lost, 0 duplicated");
+    // The queue now holds every message (some maybe twice): drain it into SQLite, then
+    // publish the same again and drain it into PostgreSQL.
+    for (i, store) in store_urls("outage", dir.path()).into_iter().enumerate() {
+        if i > 0 {
+            publish_cli(&url, &paths);
+        }
+        run_dsi_until(&url, &store, 2, want.messages);
+        assert_eq!(store_counts(&store), want, "{store}: 0 lost, 0 duplicated");
+    }
 }
 
 fn spawn_dsi(url: &str, store: &str) -> Child {
@@ -257,9 +263,15 @@ fn a_worker_killed_mid_batch_loses_nothing_and_stores_nothing_twice() {
 
 #[test]
 fn poison_goes_to_the_dead_letter_queue_and_the_pool_keeps_storing() {
-    let (url, _) = vhost("pipe-poison");
     let dir = tempdir();
-    let store = format!("sqlite:{}", dir.path().join("poison.db").display());
+    for store in store_urls("pipe_poison", dir.path()) {
+        poison_into(&store);
+    }
+}
+
+fn poison_into(store: &str) {
+    let (url, _) = vhost(&format!("pipe-poison-{}", &store[..6]));
+    let store = store.to_string();
     let rt = rt();
     rt.block_on(async {
         use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -296,8 +308,8 @@ fn poison_goes_to_the_dead_letter_queue_and_the_pool_keeps_storing() {
     publish_cli(&url, &good);
     let want = expected_counts(&translated(&good));
     let stats = run_dsi_until(&url, &store, 1, want.messages);
-    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 2);
-    assert_eq!(store_counts(&store), want);
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 2, "{store}");
+    assert_eq!(store_counts(&store), want, "{store}");
     let dead = rt.block_on(drain(&url, buildbus::bus::topology::DEAD_LETTER_QUEUE));
     assert_eq!(dead.len(), 2);
     let reasons: Vec<String> = dead
@@ -318,6 +330,8 @@ fn poison_goes_to_the_dead_letter_queue_and_the_pool_keeps_storing() {
 
 #[test]
 fn out_of_order_delivery_converges() {
+    // Reversed through the bus into PostgreSQL, in order straight into SQLite: the same
+    // rows (the store tests compare every order on both stores).
     let (url, _) = vhost("pipe-order");
     let dir = tempdir();
     let paths = [
@@ -339,7 +353,8 @@ fn out_of_order_delivery_converges() {
         }
         p.close().await.unwrap();
     });
-    let reversed = format!("sqlite:{}", dir.path().join("rev.db").display());
+    let stores = store_urls("pipe_order", dir.path());
+    let reversed = stores[1].clone();
     run_dsi_until(&url, &reversed, 1, want.messages);
     // In order, straight into another store.
     let ordered = format!("sqlite:{}", dir.path().join("ord.db").display());
