@@ -7,22 +7,29 @@
 //! The source tree is the pipeline, in the order data flows through it:
 //!
 //! ```text
-//!  source ──► translate ──► publish ──► consume ──► store
-//!  evt/<system>/ (framing, codec, translator)   bus/    dsi/ (workers, stores)
+//!  source ──► translate ──────► publish ──► consume ──► store
+//!  evt/<system>/                bus/        dsi/worker  dsi/store/{sqlite,postgres}
+//!  (framing, codec, translator)
 //! ```
 //!
 //! - [`model`]: the normalized message model v1 (envelope, payload kinds, routing keys,
 //!   deterministic ids): the contract between all other parts;
 //! - [`evt`]: the Event Translation Layer; one folder per build system
-//!   ([`evt::bazel`] now, BitBake next), sharing framing, errors, redaction and the
-//!   Pulse-field rules;
+//!   ([`evt::bazel`] now, BitBake next), sharing framing, errors, redaction, the
+//!   Pulse-field rules and the stream driver (files, followed files);
+//! - [`bus`]: RabbitMQ: topology, the AMQP form of a message, the confirmed publisher,
+//!   file sources with checkpoints;
+//! - [`dsi`]: the Data Store Interface: the storage worker pool (validate, batch,
+//!   commit, then ack) and the stores (SQLite, PostgreSQL) with their queries;
+//! - [`infra`]: private RabbitMQ nodes and PostgreSQL clusters for tests, the demo and
+//!   the benchmarks;
 //! - [`config`]: `config/buildbus.toml`, compiled in as the defaults;
 //! - [`report`]: human summaries of translated builds;
 //! - [`cli`]: the `buildbus` command line (`anyhow` lives only there and in `main.rs`).
 //!
-//! Still to come (see the issues): `bus/` (confirmed publishing to RabbitMQ), `dsi/`
-//! (storage workers: SQLite, PostgreSQL), `aam/` (artifact analysis), `client/` (filtered
-//! subscriptions and `buildbus monitor`).
+//! Still to come (see the issues): BitBake in `evt/bitbake/`, `aam/` (artifact
+//! analysis), `client/` (filtered subscriptions and `buildbus monitor`), and the Bazel
+//! Build Event Service source.
 
 pub mod bus;
 pub mod cli;
