@@ -15,17 +15,9 @@ pub trait RuleSource {
     fn lookup(&self, rule: &str) -> Option<String>;
 }
 
-/// The resolved Pulse fields of one build.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PulseFields {
-    pub tree: Option<String>,
-    pub platform: Option<String>,
-    pub buildtype: Option<String>,
-    pub product: Option<String>,
-    pub revision: Option<String>,
-    pub branch: Option<String>,
-    pub tags: Vec<String>,
-}
+/// The resolved Pulse fields of one build: the same shape as the fixed values they
+/// start from, now with every field that could be found filled in.
+pub type PulseFields = FieldValues;
 
 fn first(rules: &[String], src: &dyn RuleSource) -> Option<String> {
     rules

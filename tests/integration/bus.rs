@@ -245,14 +245,17 @@ fn follow_picks_up_appended_events_and_resumes_from_its_checkpoint() {
     // The first 80%, cut inside a line (past the events the build's context needs).
     let cut = src.len() * 8 / 10;
     std::fs::write(&path, &src[..cut]).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_buildbus"))
-        .args(["publish", "--follow", "--url", &url, "--checkpoint-dir"])
-        .arg(&state)
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let follow = || {
+        Command::new(env!("CARGO_BIN_EXE_buildbus"))
+            .args(["publish", "--follow", "--url", &url, "--checkpoint-dir"])
+            .arg(&state)
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = follow();
     std::thread::sleep(Duration::from_millis(1500));
     assert!(child.try_wait().unwrap().is_none(), "still following");
     // Interrupt it: what was confirmed is checkpointed.
@@ -269,14 +272,7 @@ fn follow_picks_up_appended_events_and_resumes_from_its_checkpoint() {
     assert!(first > 0, "{err}");
     let first_err = err.clone();
     // Follow again from the checkpoint while the rest arrives in pieces.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_buildbus"))
-        .args(["publish", "--follow", "--url", &url, "--checkpoint-dir"])
-        .arg(&state)
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = follow();
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&path)
