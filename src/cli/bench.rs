@@ -1121,11 +1121,12 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
     for (f, l, v) in &children {
         let _ = writeln!(
             o,
-            "  {f:<6} {l:<5} {:>10} events  {:>10} messages  {:>7.3} s  {}",
+            "  {f:<6} {l:<5} {:>10} events  {:>10} messages  {:>7.3} s  {} ({} before translating)",
             thousands(v["events"].as_u64().unwrap_or(0)),
             thousands(v["messages"].as_u64().unwrap_or(0)),
             v["seconds"].as_f64().unwrap_or(0.0),
             mib(v["vm_hwm_kb"].as_u64()),
+            mib(v["vm_hwm_kb_before"].as_u64()),
         );
     }
     let _ = writeln!(

@@ -14,6 +14,7 @@
 //! one arm in [`stream`].
 
 pub mod bazel;
+pub mod bitbake;
 pub mod console;
 pub mod error;
 pub mod fields;
