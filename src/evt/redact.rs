@@ -10,7 +10,7 @@
 //! - any part of any value matching a `value_patterns` regex (its `keep` and `tail`
 //!   groups, where it has them, are kept around the redaction).
 
-use regex::Regex;
+use regex::{Regex, RegexSet};
 
 use crate::config::RedactionConfig;
 
@@ -20,8 +20,22 @@ pub const REDACTED: &str = "<redacted>";
 #[derive(Debug, Clone)]
 pub struct Redactor {
     options: Vec<String>,
-    keys: Vec<Regex>,
+    keys: RegexSet,
     values: Vec<Regex>,
+    /// All value patterns at once: most values match none, and one pass says so.
+    any_value: RegexSet,
+}
+
+/// Compiles patterns into one set; a bad one is returned as `(pattern, reason)`.
+fn set(patterns: &[String]) -> Result<RegexSet, (String, String)> {
+    RegexSet::new(patterns).map_err(|e| {
+        let bad = patterns
+            .iter()
+            .find(|p| Regex::new(p).is_err())
+            .cloned()
+            .unwrap_or_default();
+        (bad, e.to_string())
+    })
 }
 
 impl Redactor {
@@ -34,26 +48,26 @@ impl Redactor {
                 .iter()
                 .map(|o| o.trim_start_matches('-').to_string())
                 .collect(),
-            keys: cfg
-                .key_patterns
-                .iter()
-                .map(compile)
-                .collect::<Result<_, _>>()?,
+            keys: set(&cfg.key_patterns)?,
             values: cfg
                 .value_patterns
                 .iter()
                 .map(compile)
                 .collect::<Result<_, _>>()?,
+            any_value: set(&cfg.value_patterns)?,
         })
     }
 
     /// Whether a key (variable, metadata key, option name) names a secret.
     pub fn is_secret_key(&self, key: &str) -> bool {
-        self.keys.iter().any(|r| r.is_match(key))
+        self.keys.is_match(key)
     }
 
     /// Redacts the parts of a free-form value that look like secrets.
     pub fn value(&self, value: &str) -> String {
+        if !self.any_value.is_match(value) {
+            return value.to_string();
+        }
         let mut out = std::borrow::Cow::Borrowed(value);
         for r in &self.values {
             if r.is_match(&out) {

@@ -32,9 +32,22 @@ pub fn from_secs_nanos(secs: i64, nanos: i32) -> Option<String> {
     from_millis(ms)
 }
 
-/// The current time, for `_meta.sent`.
+/// The current time, for `_meta.sent`. Formatted at most once per millisecond per
+/// thread: a translator sends thousands of messages in one.
 pub fn now() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+    }
+    let t = Utc::now();
+    let ms = t.timestamp_millis();
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != ms {
+            *last = (ms, t.to_rfc3339_opts(SecondsFormat::Millis, true));
+        }
+        last.1.clone()
+    })
 }
 
 /// Parses an RFC 3339 timestamp back to milliseconds since the epoch.

@@ -91,6 +91,8 @@ struct Build {
     configs: HashMap<String, bep::Configuration>,
     platform_config: Option<String>,
     original_cmd: Option<Vec<String>>,
+    /// `original_cmd` (or the unstructured one) joined and redacted, once known.
+    command: Option<String>,
     unstructured_cmd: Option<Vec<String>>,
     canonical_options: HashMap<String, String>,
     patterns: Vec<String>,
@@ -337,23 +339,29 @@ impl BazelTranslator {
         self.release(out);
     }
 
-    fn command_line(&self) -> Option<String> {
-        let args = self
-            .build
-            .original_cmd
-            .as_ref()
-            .or(self.build.unstructured_cmd.as_ref())?;
-        let r = &self.ctx.redactor;
-        Some(
-            args.iter()
-                .filter(|a| !a.is_empty())
-                .map(|a| r.arg(a))
-                .collect::<Vec<_>>()
-                .join(" "),
-        )
+    /// The build's command line, redacted; worked out once per build (redaction runs
+    /// a dozen patterns per argument).
+    fn command_line(&mut self) -> Option<String> {
+        if self.build.command.is_none() {
+            let args = self
+                .build
+                .original_cmd
+                .as_ref()
+                .or(self.build.unstructured_cmd.as_ref())?;
+            let r = &self.ctx.redactor;
+            self.build.command = Some(
+                args.iter()
+                    .filter(|a| !a.is_empty())
+                    .map(|a| r.arg(a))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        self.build.command.clone()
     }
 
-    fn build_payload(&self, state: BuildState) -> BuildPayload {
+    fn build_payload(&mut self, state: BuildState) -> BuildPayload {
+        let command = self.command_line();
         let b = &self.build;
         let fin = b.finished.as_ref();
         let finished_ms = fin.and_then(|f| nonzero(f.finish_time_millis).or(ms_of(&f.finish_time)));
@@ -393,7 +401,7 @@ impl BazelTranslator {
             state,
             result,
             targets: b.patterns.clone(),
-            command: self.command_line(),
+            command,
             started_at: b.started_ms.and_then(time::from_millis),
             finished_at: if finished {
                 finished_ms.and_then(time::from_millis)
@@ -761,7 +769,12 @@ impl BazelTranslator {
         }
     }
 
-    fn on_started(&mut self, ev: &BuildEvent, s: &bep::BuildStarted, out: &mut Emit<'_>) {
+    fn on_started(
+        &mut self,
+        children: &[bep::BuildEventId],
+        s: &bep::BuildStarted,
+        out: &mut Emit<'_>,
+    ) {
         if self.build.id.as_deref().is_some_and(|id| id != s.uuid) {
             // A second invocation in one stream: close the first.
             self.end_build(out);
@@ -779,7 +792,7 @@ impl BazelTranslator {
         b.command_name = nonempty(&s.command);
         b.tool_version = nonempty(&s.build_tool_version);
         b.workspace_dir = nonempty(&s.workspace_directory);
-        for child in &ev.children {
+        for child in children {
             if let Some(c) = child.id.as_ref().and_then(ctx_of) {
                 b.announced.insert(c);
             }
@@ -797,25 +810,35 @@ impl BazelTranslator {
     }
 
     fn on_structured(&mut self, label: &str, cl: &bep::CommandLine) {
-        let mut args = Vec::new();
-        let mut options = HashMap::new();
-        for s in &cl.sections {
-            match &s.section_type {
-                Some(bep::command_line_section::SectionType::ChunkList(c)) => {
-                    args.extend(c.chunk.iter().cloned())
-                }
-                Some(bep::command_line_section::SectionType::OptionList(o)) => {
-                    for opt in &o.option {
-                        args.push(opt.combined_form.clone());
-                        options.insert(opt.option_name.clone(), opt.option_value.clone());
+        use bep::command_line_section::SectionType;
+        match label {
+            // The command as typed: every chunk and option, in order.
+            "original" => {
+                let mut args = Vec::new();
+                for s in &cl.sections {
+                    match &s.section_type {
+                        Some(SectionType::ChunkList(c)) => args.extend(c.chunk.iter().cloned()),
+                        Some(SectionType::OptionList(o)) => {
+                            args.extend(o.option.iter().map(|opt| opt.combined_form.clone()))
+                        }
+                        None => {}
                     }
                 }
-                None => {}
+                self.build.original_cmd = Some(args);
             }
-        }
-        match label {
-            "original" => self.build.original_cmd = Some(args),
-            "canonical" => self.build.canonical_options = options,
+            // Effective option values, for `option:NAME` rules.
+            "canonical" => {
+                self.build.canonical_options = cl
+                    .sections
+                    .iter()
+                    .filter_map(|s| match &s.section_type {
+                        Some(SectionType::OptionList(o)) => Some(o),
+                        _ => None,
+                    })
+                    .flat_map(|o| &o.option)
+                    .map(|opt| (opt.option_name.clone(), opt.option_value.clone()))
+                    .collect();
+            }
             _ => {}
         }
     }
@@ -826,33 +849,31 @@ impl Translator for BazelTranslator {
 
     fn event(&mut self, ev: BuildEvent, out: &mut Emit<'_>) {
         self.stats.events += 1;
-        let Some(id) = ev.id.as_ref().and_then(|i| i.id.clone()) else {
+        let BuildEvent {
+            id,
+            children,
+            last_message,
+            payload,
+        } = ev;
+        let Some(id) = id.and_then(|i| i.id) else {
             self.stats.unknown += 1;
             return;
         };
         if let Some(c) = ctx_of(&id) {
             self.build.seen.insert(c);
         }
-        match (&id, ev.payload.as_ref()) {
-            (Id::Started(_), Some(P::Started(s))) => {
-                let s = s.clone();
-                self.on_started(&ev, &s, out);
-            }
-            (Id::BuildMetadata(_), Some(P::BuildMetadata(m))) => {
-                self.build.metadata = m.metadata.clone();
-            }
+        // The event is ours: move its parts into the build state rather than copy them.
+        match (&id, payload) {
+            (Id::Started(_), Some(P::Started(s))) => self.on_started(&children, &s, out),
+            (Id::BuildMetadata(_), Some(P::BuildMetadata(m))) => self.build.metadata = m.metadata,
             (Id::WorkspaceStatus(_), Some(P::WorkspaceStatus(s))) => {
-                self.build.status = s
-                    .item
-                    .iter()
-                    .map(|i| (i.key.clone(), i.value.clone()))
-                    .collect();
+                self.build.status = s.item.into_iter().map(|i| (i.key, i.value)).collect();
             }
             (Id::StructuredCommandLine(sid), Some(P::StructuredCommandLine(cl))) => {
-                self.on_structured(&sid.command_line_label, cl);
+                self.on_structured(&sid.command_line_label, &cl);
             }
             (Id::UnstructuredCommandLine(_), Some(P::UnstructuredCommandLine(u))) => {
-                self.build.unstructured_cmd = Some(u.args.clone());
+                self.build.unstructured_cmd = Some(u.args);
             }
             (Id::Pattern(p), payload) => {
                 for pat in &p.pattern {
@@ -866,36 +887,36 @@ impl Translator for BazelTranslator {
             }
             (Id::Workspace(_), Some(P::WorkspaceInfo(_))) => {}
             (Id::Configuration(c), Some(P::Configuration(conf))) => {
-                self.build.configs.insert(c.id.clone(), conf.clone());
+                self.build.configs.insert(c.id.clone(), conf);
             }
             (Id::TargetConfigured(t), Some(P::Configured(c))) if !c.target_kind.is_empty() => {
                 self.build
                     .target_kinds
-                    .insert(t.label.clone(), c.target_kind.clone());
+                    .insert(t.label.clone(), c.target_kind);
             }
             (Id::NamedSet(n), Some(P::NamedSetOfFiles(s))) => {
                 let set = NamedSet {
-                    files: s.files.clone(),
-                    sets: s.file_sets.iter().map(|x| x.id.clone()).collect(),
+                    files: s.files,
+                    sets: s.file_sets.into_iter().map(|x| x.id).collect(),
                 };
                 self.build.named_sets.insert(n.id.clone(), set);
             }
-            (Id::TargetCompleted(t), payload) => self.on_target_completed(t, payload, out),
-            (Id::ActionCompleted(a), Some(P::Action(x))) => self.on_action(a, x, out),
-            (Id::TestResult(t), payload) => self.on_test_result(t, payload, out),
-            (Id::TestSummary(t), payload) => self.on_test_summary(t, payload, out),
-            (Id::Progress(p), Some(P::Progress(x))) => self.on_progress(p.opaque_count, x, out),
+            (Id::TargetCompleted(t), payload) => self.on_target_completed(t, payload.as_ref(), out),
+            (Id::ActionCompleted(a), Some(P::Action(x))) => self.on_action(a, &x, out),
+            (Id::TestResult(t), payload) => self.on_test_result(t, payload.as_ref(), out),
+            (Id::TestSummary(t), payload) => self.on_test_summary(t, payload.as_ref(), out),
+            (Id::Progress(p), Some(P::Progress(x))) => self.on_progress(p.opaque_count, &x, out),
             (Id::BuildFinished(_), Some(P::Finished(f))) => {
-                self.build.finished = Some(f.clone());
+                self.build.finished = Some(f);
                 self.freeze(true, out);
             }
             (Id::BuildFinished(_), Some(P::Aborted(a))) => {
-                self.build.finished_aborted = Some(a.description.clone());
+                self.build.finished_aborted = Some(a.description);
             }
-            (Id::BuildMetrics(_), Some(P::BuildMetrics(m))) => self.on_metrics(m),
+            (Id::BuildMetrics(_), Some(P::BuildMetrics(m))) => self.on_metrics(&m),
             _ => {}
         }
-        if ev.last_message {
+        if last_message {
             self.end_build(out);
         }
     }
