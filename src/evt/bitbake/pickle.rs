@@ -50,7 +50,8 @@ pub struct Limits {
     pub max_memo: usize,
     /// Elements of one list, tuple, set or dict (pairs).
     pub max_container_len: usize,
-    /// Values pushed in total (every opcode that pushes counts one).
+    /// Values decoded in total: every opcode that pushes counts one, and so does every
+    /// value a reconstructor copies (`set(list)`, the arguments of a call).
     pub max_items: usize,
     /// Nodes of the tree with every shared reference expanded: what a full walk (such
     /// as [`to_json`]) visits. This is what refuses "billion laughs" pickles.
@@ -60,19 +61,22 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// Generous for real BitBake events (the largest fixture pickle is 10 KB; a
-    /// `DepTreeGenerated` of a large OE build is a few MB), tight enough that a hostile
-    /// pickle costs at most a few hundred MB and a fraction of a second per MB.
+    /// Generous for real BitBake events: the largest fixture pickle is 10 KB, their
+    /// deepest nesting 6; a `DepTreeGenerated` of a large OE build is a few MB at about
+    /// 6 bytes per item, and `max_input_bytes` matches the 64 MiB `limits.max_event_bytes`
+    /// of the configuration. Memory stays under about 100 bytes per decoded item (under
+    /// 1 GB at the extreme of these defaults), time is linear (about 50 MB/s in release
+    /// builds).
     fn default() -> Self {
         Limits {
             max_input_bytes: 64 << 20,
             max_depth: 100,
             max_stack: 1 << 18,
-            max_memo: 1 << 23,
+            max_memo: 1 << 22,
             max_container_len: 1 << 22,
-            max_items: 1 << 24,
-            max_expanded: 1 << 26,
-            max_int_bytes: 1024,
+            max_items: 1 << 23,
+            max_expanded: 1 << 25,
+            max_int_bytes: 128,
         }
     }
 }
@@ -432,7 +436,10 @@ impl Value {
     }
 }
 
-fn dict_get<'v>(d: &'v [(Value, Value)], key: &str) -> Option<&'v Value> {
+/// A dict entry.
+type Entry = (Value, Value);
+
+fn dict_get<'v>(d: &'v [Entry], key: &str) -> Option<&'v Value> {
     // The last entry wins, as in a Python dict built by SETITEM(S).
     d.iter()
         .rev()
@@ -459,7 +466,7 @@ impl Object {
     }
 
     /// The `__dict__` and the slots dict of the state, where there are.
-    fn state_dicts(&self) -> (Option<&[(Value, Value)]>, Option<&[(Value, Value)]>) {
+    fn state_dicts(&self) -> (Option<&[Entry]>, Option<&[Entry]>) {
         match &self.state {
             Some(Value::Dict(d)) => (Some(d), None),
             Some(Value::Tuple(t)) if t.len() == 2 => (t[0].as_dict(), t[1].as_dict()),
@@ -508,10 +515,7 @@ impl Decoder {
     /// Decodes base64 (whitespace and newlines anywhere are ignored, as in the
     /// `base64.encodebytes` output of BitBake's event log), then the pickle.
     pub fn decode_base64(&self, b64: &str) -> Result<Value, PickleError> {
-        let stripped: Vec<u8> = b64
-            .bytes()
-            .filter(|b| !b.is_ascii_whitespace())
-            .collect();
+        let stripped: Vec<u8> = b64.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
         if stripped.is_empty() {
             return Err(PickleError::whole(PickleReason::Empty));
         }
@@ -561,7 +565,7 @@ enum V {
     Date(Date),
     TimeDelta(TimeDelta),
     /// Full dotted name and the length of its module part.
-    Global(Arc<str>, usize),
+    Global(Arc<str>, u32),
     Node(u32),
 }
 
@@ -580,25 +584,20 @@ enum Kind {
     Dict(Vec<(V, V)>),
     Set(Vec<V>),
     FrozenSet(Vec<V>),
-    Object {
-        class: Arc<str>,
-        args: Vec<V>,
-        kwargs: Option<V>,
-        state: Option<V>,
-    },
-    Regex {
-        pattern: V,
-        flags: i64,
-    },
-    DateTime {
-        date: Date,
-        time: TimeOfDay,
-        tz: Option<V>,
-    },
-    Time {
-        time: TimeOfDay,
-        tz: Option<V>,
-    },
+    // The rest are boxed to keep every node small (40 bytes).
+    Object(Box<ObjectNode>),
+    /// Pattern and flags.
+    Regex(Box<(V, i64)>),
+    DateTime(Box<(Date, TimeOfDay, Option<V>)>),
+    Time(Box<(TimeOfDay, Option<V>)>),
+}
+
+#[derive(Debug)]
+struct ObjectNode {
+    class: Arc<str>,
+    args: Vec<V>,
+    kwargs: Option<V>,
+    state: Option<V>,
 }
 
 impl Kind {
@@ -609,10 +608,10 @@ impl Kind {
             Kind::Dict(_) => "dict",
             Kind::Set(_) => "set",
             Kind::FrozenSet(_) => "frozenset",
-            Kind::Object { .. } => "object",
-            Kind::Regex { .. } => "re.Pattern",
-            Kind::DateTime { .. } => "datetime",
-            Kind::Time { .. } => "time",
+            Kind::Object(_) => "object",
+            Kind::Regex(_) => "re.Pattern",
+            Kind::DateTime(_) => "datetime",
+            Kind::Time(_) => "time",
         }
     }
 }
@@ -873,30 +872,68 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// Counts `n` values copied from one container into another (`set(list)`, the
+    /// arguments of a call) against [`Limits::max_items`]: a pickle can ask for the same
+    /// big list to be copied again and again for one byte each time.
+    fn charge(&mut self, n: usize) -> R<()> {
+        self.items = self.items.saturating_add(n);
+        if self.items > self.limits.max_items {
+            return self.limit("decoded items", self.limits.max_items);
+        }
+        Ok(())
+    }
+
     /// The elements of a tuple node (the arguments of a call).
-    fn tuple_items(&self, v: &V, what: &str) -> R<Vec<V>> {
-        match v {
+    fn tuple_items(&mut self, v: &V, what: &str) -> R<Vec<V>> {
+        let len = match v {
             V::Node(i) => match &self.nodes[*i as usize].kind {
-                Kind::Tuple(items) => Ok(items.clone()),
-                other => self.malformed(format!("{what} arguments are a {}", other.name())),
+                Kind::Tuple(items) => Ok(items.len()),
+                other => Err(other.name()),
             },
-            other => self.malformed(format!("{what} arguments are a {}", v_kind(other))),
+            other => Err(v_kind(other)),
+        };
+        match len {
+            Ok(len) => {
+                self.charge(len)?;
+                Ok(self.elements(v))
+            }
+            Err(kind) => self.malformed(format!("{what} arguments are a {kind}")),
         }
     }
 
-    /// The elements of an iterable argument (`set(list)`, `tuple(list)`, ...).
-    fn iter_items(&self, v: &V, what: &str) -> R<Vec<V>> {
-        if let V::Node(i) = v {
-            match &self.nodes[*i as usize].kind {
+    /// The elements of an iterable argument (`set(list)`, `tuple(list)`, ...; the keys
+    /// of a dict).
+    fn iter_items(&mut self, v: &V, what: &str) -> R<Vec<V>> {
+        let len = match v {
+            V::Node(i) => match &self.nodes[*i as usize].kind {
                 Kind::List(items)
                 | Kind::Tuple(items)
                 | Kind::Set(items)
-                | Kind::FrozenSet(items) => return Ok(items.clone()),
-                Kind::Dict(pairs) => return Ok(pairs.iter().map(|(k, _)| k.clone()).collect()),
-                _ => {}
+                | Kind::FrozenSet(items) => Some(items.len()),
+                Kind::Dict(pairs) => Some(pairs.len()),
+                _ => None,
+            },
+            _ => None,
+        };
+        match len {
+            Some(len) => {
+                self.charge(len)?;
+                Ok(self.elements(v))
             }
+            None => self.malformed(format!("{what} of a {}", v_kind_in(v, &self.nodes))),
         }
-        self.malformed(format!("{what} of a {}", v_kind_in(v, &self.nodes)))
+    }
+
+    /// A copy of the elements of a sequence or set node, or of the keys of a dict node.
+    fn elements(&self, v: &V) -> Vec<V> {
+        let V::Node(i) = v else { return Vec::new() };
+        match &self.nodes[*i as usize].kind {
+            Kind::List(items) | Kind::Tuple(items) | Kind::Set(items) | Kind::FrozenSet(items) => {
+                items.clone()
+            }
+            Kind::Dict(pairs) => pairs.iter().map(|(k, _)| k.clone()).collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn extend_list(&mut self, items: Vec<V>) -> R<()> {
@@ -927,7 +964,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, items: Vec<V>) -> R<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return self.malformed("SETITEMS with an odd number of items");
         }
         let t = self.top_node("SETITEM")?;
@@ -1019,8 +1056,11 @@ impl<'a> Machine<'a> {
             "copy_reg" if self.proto < 3 => "copyreg",
             m => m,
         };
+        let Ok(module_len) = u32::try_from(module.len()) else {
+            return self.malformed("module name too long");
+        };
         let full: Arc<str> = format!("{module}.{name}").into();
-        self.push(V::Global(full, module.len()))
+        self.push(V::Global(full, module_len))
     }
 
     // ---- the loop -----------------------------------------------------------------
@@ -1038,9 +1078,8 @@ impl<'a> Machine<'a> {
             self.op = self.data[self.pos];
             self.pos += 1;
             if self.at == 0 && self.op != op::PROTO {
-                return self.malformed(
-                    "does not start with PROTO: not a pickle of protocol 2 or later",
-                );
+                return self
+                    .malformed("does not start with PROTO: not a pickle of protocol 2 or later");
             }
             if let Some(v) = self.step()? {
                 return Ok(v);
@@ -1080,10 +1119,8 @@ impl<'a> Machine<'a> {
                     ));
                 }
                 if self.pos != self.data.len() {
-                    return self.malformed(format!(
-                        "{} bytes after STOP",
-                        self.data.len() - self.pos
-                    ));
+                    return self
+                        .malformed(format!("{} bytes after STOP", self.data.len() - self.pos));
                 }
                 return Ok(Some(v));
             }
@@ -1386,12 +1423,12 @@ impl<'a> Machine<'a> {
         self.check_len(args.len())?;
         let depth = self.depth_over(args.iter().chain(kwargs.as_ref()));
         self.node(
-            Kind::Object {
+            Kind::Object(Box::new(ObjectNode {
                 class,
                 args,
                 kwargs,
                 state: None,
-            },
+            })),
             depth,
         )
     }
@@ -1401,12 +1438,11 @@ impl<'a> Machine<'a> {
         let V::Global(name, module_len) = cls else {
             return self.malformed(format!("NEWOBJ of a {}, not a class", v_kind(cls)));
         };
-        if !self.allow.allows_module(&name[..*module_len]) {
+        if !self.allow.allows_module(&name[..*module_len as usize]) {
             return self.refuse(name, REFUSED_CLASS);
         }
         if let Some(kw) = &kwargs {
-            if !matches!(kw, V::Node(i) if matches!(self.nodes[*i as usize].kind, Kind::Dict(_)))
-            {
+            if !matches!(kw, V::Node(i) if matches!(self.nodes[*i as usize].kind, Kind::Dict(_))) {
                 return self.malformed("NEWOBJ_EX keyword arguments are not a dict");
             }
         }
@@ -1424,13 +1460,7 @@ impl<'a> Machine<'a> {
             "re._compile" => match args.as_slice() {
                 [pattern @ (V::Str(_) | V::Bytes(_)), V::Int(flags)] => {
                     let pattern = pattern.clone();
-                    self.node(
-                        Kind::Regex {
-                            pattern,
-                            flags: *flags,
-                        },
-                        1,
-                    )
+                    self.node(Kind::Regex(Box::new((pattern, *flags))), 1)
                 }
                 _ => self.bad_args(name),
             },
@@ -1476,9 +1506,8 @@ impl<'a> Machine<'a> {
                     [V::Str(s), V::Str(enc)] => match encode(s, enc) {
                         Some(b) => b.into(),
                         None => {
-                            return self.malformed(format!(
-                                "{name}: cannot encode the text as {enc:?}"
-                            ))
+                            return self
+                                .malformed(format!("{name}: cannot encode the text as {enc:?}"))
                         }
                     },
                     [V::Str(s)] if &**name == "_codecs.encode" => s.as_bytes().into(),
@@ -1500,7 +1529,8 @@ impl<'a> Machine<'a> {
             },
             "datetime.timezone" => match args.as_slice() {
                 [V::TimeDelta(td)] | [V::TimeDelta(td), V::Str(_)]
-                    if td.days == 0 || (td.days == -1 && (td.seconds, td.microseconds) != (0, 0)) =>
+                    if td.days == 0
+                        || (td.days == -1 && (td.seconds, td.microseconds) != (0, 0)) =>
                 {
                     self.object_node(name.clone(), args, None)
                 }
@@ -1508,7 +1538,7 @@ impl<'a> Machine<'a> {
             },
             "copyreg._reconstructor" => match args.as_slice() {
                 [V::Global(cls, cls_module), V::Global(..), state] => {
-                    if !self.allow.allows_module(&cls[..*cls_module]) {
+                    if !self.allow.allows_module(&cls[..*cls_module as usize]) {
                         return self.refuse(cls, REFUSED_CLASS);
                     }
                     let args = match state {
@@ -1530,7 +1560,7 @@ impl<'a> Machine<'a> {
                 }
                 _ => self.bad_args(name),
             },
-            _ if self.allow.allows_module(&name[..*module_len]) => {
+            _ if self.allow.allows_module(&name[..*module_len as usize]) => {
                 self.object_node(name.clone(), args, None)
             }
             _ => self.refuse(name, REFUSED_CALL),
@@ -1542,7 +1572,7 @@ impl<'a> Machine<'a> {
     }
 
     /// `[(k, v), ...]` or `[[k, v], ...]`.
-    fn pairs(&self, v: &V, what: &str) -> R<Vec<(V, V)>> {
+    fn pairs(&mut self, v: &V, what: &str) -> R<Vec<(V, V)>> {
         let mut out = Vec::new();
         for item in self.iter_items(v, what)? {
             match self.iter_items(&item, what)?.as_slice() {
@@ -1573,13 +1603,13 @@ impl<'a> Machine<'a> {
                 let fold = b[2] & 0x80 != 0;
                 date_from(&[b[0], b[1], b[2] & 0x7F, b[3]])
                     .zip(time_from(&b[4..], false))
-                    .map(|(date, time)| Kind::DateTime {
-                        date,
-                        time: TimeOfDay { fold, ..time },
-                        tz,
+                    .map(|(date, time)| {
+                        Kind::DateTime(Box::new((date, TimeOfDay { fold, ..time }, tz)))
                     })
             }
-            ("datetime.time", 6) => time_from(&b, true).map(|time| Kind::Time { time, tz }),
+            ("datetime.time", 6) => {
+                time_from(&b, true).map(|time| Kind::Time(Box::new((time, tz))))
+            }
             ("datetime.date", 4) => {
                 return match date_from(&b) {
                     Some(d) => Ok(V::Date(d)),
@@ -1598,15 +1628,15 @@ impl<'a> Machine<'a> {
         let t = self.top_node("BUILD")?;
         let depth = self.depth_of(&state);
         let problem = match &self.nodes[t].kind {
-            Kind::Object { state: None, .. } => None,
-            Kind::Object { .. } => Some("BUILD of an object that already has a state".into()),
+            Kind::Object(o) if o.state.is_none() => None,
+            Kind::Object(_) => Some("BUILD of an object that already has a state".into()),
             other => Some(format!("BUILD of a {}, not an object", other.name())),
         };
         if let Some(p) = problem {
             return self.malformed(p);
         }
-        if let Kind::Object { state: s, .. } = &mut self.nodes[t].kind {
-            *s = Some(state);
+        if let Kind::Object(o) = &mut self.nodes[t].kind {
+            o.state = Some(state);
         }
         self.grow(t, depth)
     }
@@ -1630,7 +1660,9 @@ fn v_kind(v: &V) -> &'static str {
 
 fn v_kind_in(v: &V, nodes: &[Node]) -> &'static str {
     match v {
-        V::Node(i) => nodes.get(*i as usize).map_or("container", |n| n.kind.name()),
+        V::Node(i) => nodes
+            .get(*i as usize)
+            .map_or("container", |n| n.kind.name()),
         other => v_kind(other),
     }
 }
@@ -1758,7 +1790,9 @@ fn days_in_month(year: u16, month: u8) -> u8 {
     match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,
-        _ if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        _ if (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400) => {
+            29
+        }
         _ => 28,
     }
 }
@@ -1863,10 +1897,7 @@ impl Conv<'_> {
         }
         self.slots[i] = Slot::Busy;
         let nodes = self.nodes;
-        let mut acc = Acc {
-            size: 1,
-            height: 0,
-        };
+        let mut acc = Acc { size: 1, height: 0 };
         let value = match &nodes[i].kind {
             Kind::List(items) => Value::List(self.seq(items, path, &mut acc)?),
             Kind::Tuple(items) => Value::Tuple(self.seq(items, path, &mut acc)?),
@@ -1881,34 +1912,29 @@ impl Conv<'_> {
                 }
                 Value::Dict(out.into())
             }
-            Kind::Object {
-                class,
-                args,
-                kwargs,
-                state,
-            } => {
-                let args = self.seq(args, path, &mut acc)?.to_vec();
-                let kwargs = self.opt(kwargs.as_ref(), path, &mut acc)?;
-                let state = self.opt(state.as_ref(), path, &mut acc)?;
+            Kind::Object(o) => {
+                let args = self.seq(&o.args, path, &mut acc)?.to_vec();
+                let kwargs = self.opt(o.kwargs.as_ref(), path, &mut acc)?;
+                let state = self.opt(o.state.as_ref(), path, &mut acc)?;
                 Value::Object(Arc::new(Object {
-                    class: class.clone(),
+                    class: o.class.clone(),
                     args,
                     kwargs,
                     state,
                 }))
             }
-            Kind::Regex { pattern, flags } => Value::Regex(Arc::new(Regex {
-                pattern: self.child(pattern, path, &mut acc)?,
-                flags: *flags,
+            Kind::Regex(r) => Value::Regex(Arc::new(Regex {
+                pattern: self.child(&r.0, path, &mut acc)?,
+                flags: r.1,
             })),
-            Kind::DateTime { date, time, tz } => Value::DateTime(Arc::new(DateTime {
-                date: *date,
-                time: *time,
-                tzinfo: self.opt(tz.as_ref(), path, &mut acc)?,
+            Kind::DateTime(dt) => Value::DateTime(Arc::new(DateTime {
+                date: dt.0,
+                time: dt.1,
+                tzinfo: self.opt(dt.2.as_ref(), path, &mut acc)?,
             })),
-            Kind::Time { time, tz } => Value::Time(Arc::new(Time {
-                time: *time,
-                tzinfo: self.opt(tz.as_ref(), path, &mut acc)?,
+            Kind::Time(t) => Value::Time(Arc::new(Time {
+                time: t.0,
+                tzinfo: self.opt(t.1.as_ref(), path, &mut acc)?,
             })),
         };
         let height = acc.height + 1;
@@ -2003,7 +2029,9 @@ pub fn to_json(v: &Value) -> serde_json::Value {
         Value::Str(s) => J::String(s.to_string()),
         Value::Bytes(b) => json!({ "__bytes__": STANDARD.encode(b) }),
         Value::List(items) => J::Array(items.iter().map(to_json).collect()),
-        Value::Tuple(items) => json!({ "__tuple__": items.iter().map(to_json).collect::<Vec<_>>() }),
+        Value::Tuple(items) => {
+            json!({ "__tuple__": items.iter().map(to_json).collect::<Vec<_>>() })
+        }
         Value::Set(items) => json!({ "__set__": sorted_by_repr(items) }),
         Value::FrozenSet(items) => json!({ "__frozenset__": sorted_by_repr(items) }),
         Value::Dict(pairs) => dict_json(pairs),
@@ -2080,9 +2108,7 @@ fn object_json(o: &Object) -> serde_json::Value {
         None => {}
         Some(Value::Dict(d)) => add(d),
         Some(Value::Tuple(t))
-            if t.len() == 2
-                && t.iter()
-                    .all(|s| matches!(s, Value::Dict(_) | Value::None)) =>
+            if t.len() == 2 && t.iter().all(|s| matches!(s, Value::Dict(_) | Value::None)) =>
         {
             for s in t.iter() {
                 if let Value::Dict(d) = s {
@@ -2096,7 +2122,10 @@ fn object_json(o: &Object) -> serde_json::Value {
     out.insert("__object__".into(), J::String(o.class.to_string()));
     out.insert("attrs".into(), J::Object(attrs));
     if !o.args.is_empty() {
-        out.insert("args".into(), J::Array(o.args.iter().map(to_json).collect()));
+        out.insert(
+            "args".into(),
+            J::Array(o.args.iter().map(to_json).collect()),
+        );
     }
     if let Some(kw) = &o.kwargs {
         out.insert("kwargs".into(), to_json(kw));
@@ -2360,6 +2389,743 @@ fn py_repr_json(j: &serde_json::Value, out: &mut String) {
                 py_repr_json(v, out);
             }
             out.push('}');
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    use proptest::prelude::*;
+    use serde_json::{json, Value as J};
+
+    use super::*;
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bitbake")
+    }
+
+    /// Where two JSON values differ: numbers must be of the same kind (int or float),
+    /// floats equal within 2 ULP (the ground truth went through Python's `repr` and
+    /// serde_json's float parser).
+    fn json_diff(a: &J, b: &J, path: &str) -> Option<String> {
+        match (a, b) {
+            (J::Number(x), J::Number(y)) => {
+                let same = match (x.as_f64(), y.as_f64()) {
+                    _ if x.is_f64() != y.is_f64() => false,
+                    (Some(p), Some(q)) if x.is_f64() => {
+                        p == q
+                            || (p.signum() == q.signum()
+                                && (p.to_bits() as i64 - q.to_bits() as i64).abs() <= 2)
+                    }
+                    _ => x == y,
+                };
+                (!same).then(|| format!("{path}: {x} != {y}"))
+            }
+            (J::Array(x), J::Array(y)) => {
+                if x.len() != y.len() {
+                    return Some(format!("{path}: {} != {} elements", x.len(), y.len()));
+                }
+                x.iter()
+                    .zip(y)
+                    .enumerate()
+                    .find_map(|(i, (p, q))| json_diff(p, q, &format!("{path}[{i}]")))
+            }
+            (J::Object(x), J::Object(y)) => {
+                let xk: Vec<_> = x.keys().collect();
+                let yk: Vec<_> = y.keys().collect();
+                if xk != yk {
+                    return Some(format!("{path}: keys {xk:?} != {yk:?}"));
+                }
+                x.iter()
+                    .find_map(|(k, v)| json_diff(v, &y[k], &format!("{path}.{k}")))
+            }
+            _ => (a != b).then(|| format!("{path}: {a} != {b}")),
+        }
+    }
+
+    /// Decodes every line of `NAME.eventlog` and compares it with `NAME.decoded.json`.
+    fn check_log(name: &str, events: usize, lines: usize) {
+        let log = std::fs::read_to_string(fixtures().join(format!("{name}.eventlog"))).unwrap();
+        let truth =
+            std::fs::read_to_string(fixtures().join(format!("{name}.decoded.json"))).unwrap();
+        let truth: Vec<J> = truth
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(truth.len(), lines, "{name}: ground-truth lines");
+        let mut truth = truth.into_iter();
+        let (mut n_events, mut n_lines) = (0, 0);
+        for (i, line) in log.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let lineno = i + 1;
+            n_lines += 1;
+            let rec: J = serde_json::from_str(line).unwrap();
+            let gt = truth.next().expect("a ground-truth entry per line");
+            assert_eq!(gt["line"], json!(lineno), "{name}: line numbers");
+            if let Some(av) = rec.get("allvariables") {
+                let av = av.as_object().unwrap();
+                assert_eq!(gt["class"], "<allvariables>");
+                assert_eq!(gt["attrs"]["variable_count"], json!(av.len()));
+                let mut keys: Vec<&String> = av.keys().collect();
+                keys.sort();
+                let sample: serde_json::Map<String, J> = keys
+                    .iter()
+                    .take(3)
+                    .map(|k| ((*k).clone(), av[k.as_str()].clone()))
+                    .collect();
+                assert_eq!(gt["attrs"]["sample"], J::Object(sample), "{name}:{lineno}");
+                continue;
+            }
+            n_events += 1;
+            let class = rec["class"].as_str().unwrap();
+            let value = decode_event_vars(rec["vars"].as_str().unwrap())
+                .unwrap_or_else(|e| panic!("{name}:{lineno} ({class}): {e}"));
+            let obj = value.as_object().expect("an event is an object");
+            assert_eq!(&*obj.class, class, "{name}:{lineno}");
+            assert_eq!(gt["class"], class, "{name}:{lineno}");
+            let expected = json!({ "__object__": class, "attrs": gt["attrs"] });
+            if let Some(d) = json_diff(&to_json(&value), &expected, "") {
+                panic!("{name}:{lineno} ({class}) differs from the ground truth at {d}");
+            }
+        }
+        assert_eq!(
+            (n_events, n_lines),
+            (events, lines),
+            "{name}: events, lines"
+        );
+        assert!(
+            truth.next().is_none(),
+            "{name}: ground truth has more lines"
+        );
+    }
+
+    #[test]
+    fn success_log_matches_ground_truth() {
+        check_log("success", 684, 685);
+    }
+
+    #[test]
+    fn rebuild_log_matches_ground_truth() {
+        check_log("rebuild", 204, 205);
+    }
+
+    #[test]
+    fn failure_log_matches_ground_truth() {
+        check_log("failure", 150, 151);
+    }
+
+    #[test]
+    fn nothing_provides_log_matches_ground_truth() {
+        check_log("nothing-provides", 21, 21);
+    }
+
+    #[test]
+    fn live_xmlrpc_log_matches_ground_truth() {
+        check_log("live-xmlrpc", 686, 687);
+    }
+
+    /// Every event pickle of every fixture log.
+    fn fixture_pickles() -> &'static [Vec<u8>] {
+        static PICKLES: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+        PICKLES.get_or_init(|| {
+            let mut out = Vec::new();
+            for name in [
+                "success",
+                "rebuild",
+                "failure",
+                "nothing-provides",
+                "live-xmlrpc",
+            ] {
+                let log =
+                    std::fs::read_to_string(fixtures().join(format!("{name}.eventlog"))).unwrap();
+                for line in log.lines().filter(|l| !l.trim().is_empty()) {
+                    let rec: J = serde_json::from_str(line).unwrap();
+                    if let Some(b64) = rec["vars"].as_str() {
+                        let clean: String = b64.split_whitespace().collect();
+                        out.push(STANDARD.decode(clean).unwrap());
+                    }
+                }
+            }
+            out
+        })
+    }
+
+    #[test]
+    fn fixture_details() {
+        let pickles = fixture_pickles();
+        assert_eq!(pickles.len(), 684 + 204 + 150 + 21 + 686);
+        assert_eq!(pickles.iter().map(Vec::len).max(), Some(10185));
+        // The regexes of DepTreeGenerated and a LogRecord with %-args.
+        let mut regexes = 0;
+        let mut formatted = 0;
+        for p in pickles {
+            let v = loads(p).unwrap();
+            let o = v.as_object().unwrap();
+            if &*o.class == "bb.event.DepTreeGenerated" {
+                let prios = v.get("_depgraph").unwrap().get("layer-priorities").unwrap();
+                for entry in prios.as_seq().unwrap() {
+                    // (collection, pattern, compiled pattern, priority)
+                    let Value::Regex(r) = &entry.as_seq().unwrap()[2] else {
+                        panic!("not a regex: {entry:?}");
+                    };
+                    assert_eq!(r.flags, 32);
+                    assert!(r.pattern.as_str().is_some());
+                    regexes += 1;
+                }
+            }
+            if &*o.class == "logging.LogRecord" && o.attr("args").and_then(Value::as_seq).is_some()
+            {
+                formatted += 1;
+            }
+        }
+        assert!(regexes > 0 && formatted > 0, "{regexes} {formatted}");
+        // The deepest nesting, far below the default limit.
+        let deepest = pickles
+            .iter()
+            .map(|p| {
+                (1..=Limits::default().max_depth)
+                    .find(|&max_depth| {
+                        let limits = Limits {
+                            max_depth,
+                            ..Limits::default()
+                        };
+                        let d = Decoder {
+                            limits,
+                            ..Decoder::default()
+                        };
+                        d.loads(p).is_ok()
+                    })
+                    .unwrap()
+            })
+            .max();
+        assert_eq!(deepest, Some(6));
+    }
+
+    /// Pickles written by CPython 3.11 (`pickle.dumps(x, protocol=N)`) and
+    /// `bbevents.to_jsonable(x)` of the same objects.
+    #[test]
+    fn cpython_vectors_match_to_jsonable() {
+        let cases: &[(&str, &[u8], &str)] = &[
+            ("p2 set", b"\x80\x02c__builtin__\x0aset\x0aq\x00]q\x01(K\x01X\x01\x00\x00\x00aq\x02e\x85q\x03Rq\x04.", r#"{"__set__": ["a", 1]}"#),
+            ("p2 frozenset", b"\x80\x02c__builtin__\x0afrozenset\x0aq\x00]q\x01(X\x01\x00\x00\x00bq\x02X\x01\x00\x00\x00aq\x03e\x85q\x04Rq\x05.", r#"{"__frozenset__": ["a", "b"]}"#),
+            ("p2 bytes", b"\x80\x02c_codecs\x0aencode\x0aq\x00X\x05\x00\x00\x00\x00ab\xc3\xbfq\x01X\x06\x00\x00\x00latin1q\x02\x86q\x03Rq\x04.", r#"{"__bytes__": "AGFi/w=="}"#),
+            ("p2 empty bytes", b"\x80\x02c__builtin__\x0abytes\x0aq\x00)Rq\x01.", r#"{"__bytes__": ""}"#),
+            ("p2 bytearray", b"\x80\x02c__builtin__\x0abytearray\x0aq\x00c_codecs\x0aencode\x0aq\x01X\x06\x00\x00\x00x'y\x0a\xc2\x80q\x02X\x06\x00\x00\x00latin1q\x03\x86q\x04Rq\x05\x85q\x06Rq\x07.", r#"{"__repr__": "bytearray(b\"x\\'y\\n\\x80\")"}"#),
+            ("p2 OrderedDict", b"\x80\x02ccollections\x0aOrderedDict\x0aq\x00)Rq\x01(X\x01\x00\x00\x00zq\x02K\x01X\x01\x00\x00\x00aq\x03K\x01K\x02\x86q\x04u.", r#"{"z": 1, "a": {"__tuple__": [1, 2]}}"#),
+            ("p2 datetime+tz", b"\x80\x02cdatetime\x0adatetime\x0aq\x00c_codecs\x0aencode\x0aq\x01X\x0b\x00\x00\x00\x07\xc3\xaa\x0b\x15\x0b,\x03\x00\x00xq\x02X\x06\x00\x00\x00latin1q\x03\x86q\x04Rq\x05cdatetime\x0atimezone\x0aq\x06cdatetime\x0atimedelta\x0aq\x07K\x00M\x10\x0eK\x00\x87q\x08Rq\x09X\x03\x00\x00\x00CETq\x0a\x86q\x0bRq\x0c\x86q\x0dRq\x0e.", r#"{"__repr__": "datetime.datetime(2026, 11, 21, 11, 44, 3, 120, tzinfo=datetime.timezone(datetime.timedelta(seconds=3600), 'CET'))"}"#),
+            ("p2 datetime utc", b"\x80\x02cdatetime\x0adatetime\x0aq\x00c_codecs\x0aencode\x0aq\x01X\x0b\x00\x00\x00\x07\xc3\xaa\x0b\x15\x0b,\x00\x00\x00\x00q\x02X\x06\x00\x00\x00latin1q\x03\x86q\x04Rq\x05cdatetime\x0atimezone\x0aq\x06cdatetime\x0atimedelta\x0aq\x07K\x00K\x00K\x00\x87q\x08Rq\x09\x85q\x0aRq\x0b\x86q\x0cRq\x0d.", r#"{"__repr__": "datetime.datetime(2026, 11, 21, 11, 44, tzinfo=datetime.timezone.utc)"}"#),
+            ("p4 datetime fold", b"\x80\x04\x95*\x00\x00\x00\x00\x00\x00\x00\x8c\x08datetime\x94\x8c\x08datetime\x94\x93\x94C\x0a\x07\xea\x8b\x15\x0b,\x00\x00\x00\x05\x94\x85\x94R\x94.", r#"{"__repr__": "datetime.datetime(2026, 11, 21, 11, 44, 0, 5, fold=1)"}"#),
+            ("p2 date", b"\x80\x02cdatetime\x0adate\x0aq\x00c_codecs\x0aencode\x0aq\x01X\x05\x00\x00\x00\x07\xc3\xaa\x01\x02q\x02X\x06\x00\x00\x00latin1q\x03\x86q\x04Rq\x05\x85q\x06Rq\x07.", r#"{"__repr__": "datetime.date(2026, 1, 2)"}"#),
+            ("p2 timedelta", b"\x80\x02cdatetime\x0atimedelta\x0aq\x00J\xff\xff\xff\xffK\x05K\x00\x87q\x01Rq\x02.", r#"{"__repr__": "datetime.timedelta(days=-1, seconds=5)"}"#),
+            ("p2 time", b"\x80\x02cdatetime\x0atime\x0aq\x00c_codecs\x0aencode\x0aq\x01X\x06\x00\x00\x00\x01\x02\x00\x00\x00\x05q\x02X\x06\x00\x00\x00latin1q\x03\x86q\x04Rq\x05\x85q\x06Rq\x07.", r#"{"__repr__": "datetime.time(1, 2, 0, 5)"}"#),
+            // Python writes -2**70 and 10**40 as plain JSON numbers, which serde_json
+            // cannot hold exactly: to_json keeps them as decimal strings.
+            ("p2 ints and floats", b"\x80\x02]q\x00(\x8a\x09\x00\x00\x00\x00\x00\x00\x00\x00\x01\x8a\x09\x00\x00\x00\x00\x00\x00\x00\x00\xc0\x8a\x09\x00\x00\x00\x00\x00\x00\x00\x80\x00\x8a\x08\x00\x00\x00\x00\x00\x00\x00\x80K\xffJ\xff\xff\xff\xffG?\xf8\x00\x00\x00\x00\x00\x00G>\xe4\xf8\xb5\x88\xe3h\xf1GCA\xc3y7\xe0\x80\x00\x8a\x11\x00\x00\x00\x00\x00a\xf5\xb9\xab\xbf\xa4\\\xc3\xf1)c\x1de.", r#"[{"__int__": "18446744073709551616"}, {"__int__": "-1180591620717411303424"}, 9223372036854775808, -9223372036854775808, 255, -1, 1.5, 1e-05, 1e+16, {"__int__": "10000000000000000000000000000000000000000"}]"#),
+            ("p2 int keys", b"\x80\x02}q\x00(K\x01X\x01\x00\x00\x00aq\x01K\x02X\x01\x00\x00\x00bq\x02u.", r#"{"__dict__": [[1, "a"], [2, "b"]]}"#),
+            ("p3 mixed", b"\x80\x03]q\x00(C\x02abq\x01cbuiltins\x0abytearray\x0aq\x02C\x02cdq\x03\x85q\x04Rq\x05cbuiltins\x0aset\x0aq\x06]q\x07(K\x01K\x02e\x85q\x08Rq\x09e.", r#"[{"__bytes__": "YWI="}, {"__repr__": "bytearray(b'cd')"}, {"__set__": [1, 2]}]"#),
+            ("p5 mixed", b"\x80\x05\x95+\x00\x00\x00\x00\x00\x00\x00]\x94(C\x02ab\x94\x96\x02\x00\x00\x00\x00\x00\x00\x00cd\x94\x8f\x94(K\x01K\x02\x90(K\x01K\x02\x86\x94\x8c\x01x\x94\x91\x94e.", r#"[{"__bytes__": "YWI="}, {"__repr__": "bytearray(b'cd')"}, {"__set__": [1, 2]}, {"__frozenset__": ["x", {"__tuple__": [1, 2]}]}]"#),
+            ("p4 shared", b"\x80\x04\x95\x12\x00\x00\x00\x00\x00\x00\x00]\x94(]\x94\x8c\x01s\x94ah\x01h\x01\x85\x94e.", r#"[["s"], ["s"], {"__tuple__": [["s"]]}]"#),
+            ("p4 unicode", b"\x80\x04\x95&\x00\x00\x00\x00\x00\x00\x00]\x94(\x8c\x0bh\xc3\xa9llo \xf0\x9f\x98\x80\x94}\x94(\x8c\x01k\x94N\x8c\x01t\x94\x88\x8c\x01f\x94\x89ue.", r#"["h\u00e9llo \ud83d\ude00", {"k": null, "t": true, "f": false}]"#),
+            ("p4 defaultdict", b"\x80\x04\x95A\x00\x00\x00\x00\x00\x00\x00\x8c\x0bcollections\x94\x8c\x0bdefaultdict\x94\x93\x94\x8c\x08builtins\x94\x8c\x04list\x94\x93\x94\x85\x94R\x94\x8c\x01a\x94]\x94K\x01as.", r#"{"a": [1]}"#),
+        ];
+        for (name, bytes, expected) in cases {
+            let v = loads(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let expected: J = serde_json::from_str(expected).unwrap();
+            if let Some(d) = json_diff(&to_json(&v), &expected, "") {
+                panic!("{name}: {d}\n{}", to_json(&v));
+            }
+        }
+    }
+
+    #[test]
+    fn memo_references_stay_shared() {
+        let v = loads(b"\x80\x04\x95\x12\x00\x00\x00\x00\x00\x00\x00]\x94(]\x94\x8c\x01s\x94ah\x01h\x01\x85\x94e.").unwrap();
+        let outer = v.as_seq().unwrap();
+        let (Value::List(a), Value::List(b)) = (&outer[0], &outer[1]) else {
+            panic!("{v:?}");
+        };
+        assert!(Arc::ptr_eq(a, b));
+    }
+
+    #[test]
+    fn cycles_are_cut() {
+        // l = []; l.append(l)
+        let v = loads(b"\x80\x04]\x94h\x00a.").unwrap();
+        assert_eq!(v, Value::List(vec![Value::Recursive].into()));
+        assert_eq!(to_json(&v), json!([{ "__recursive__": true }]));
+    }
+
+    #[test]
+    fn copyreg_reconstructor_builds_an_allowlisted_object() {
+        let p = b"\x80\x02ccopy_reg\n_reconstructor\ncbb.event\nFoo\nc__builtin__\nobject\nN\x87R}X\x03\x00\x00\x00pidK\x07sb.";
+        let v = loads(p).unwrap();
+        assert_eq!(
+            to_json(&v),
+            json!({ "__object__": "bb.event.Foo", "attrs": { "pid": 7 } })
+        );
+        assert_eq!(v.get("pid"), Some(&Value::Int(7)));
+        let p = b"\x80\x02ccopy_reg\n_reconstructor\ncos\nFoo\nc__builtin__\nobject\nN\x87R.";
+        let e = loads(p).unwrap_err();
+        assert!(
+            matches!(&e.reason, PickleReason::Refused { name, .. } if name == "os.Foo"),
+            "{e}"
+        );
+    }
+
+    // ---- hostile input --------------------------------------------------------------
+
+    fn refused(p: &[u8]) -> (String, PickleError) {
+        let e = loads(p).unwrap_err();
+        match &e.reason {
+            PickleReason::Refused { name, .. } => (name.clone(), e),
+            _ => panic!("not refused: {e}"),
+        }
+    }
+
+    #[test]
+    fn os_system_is_refused() {
+        let p = b"\x80\x02cos\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.";
+        let (name, e) = refused(p);
+        assert_eq!(name, "os.system");
+        assert_eq!((e.offset, e.opcode), (27, Some(op::REDUCE)));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("byte 27") && msg.contains("REDUCE") && msg.contains("os.system"),
+            "{msg}"
+        );
+        // Refused, not run, whatever the protocol or the way the global is named.
+        let p4 = b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c\x02ls\x94\x85\x94R\x94.";
+        assert_eq!(refused(p4).0, "os.system");
+        // Even an allowlisted module is never executed: it becomes a plain object.
+        let d = Decoder {
+            allowlist: Allowlist::new(["os"]),
+            ..Decoder::default()
+        };
+        let v = d.loads(p).unwrap();
+        assert_eq!(
+            to_json(&v),
+            json!({ "__object__": "os.system", "attrs": {}, "args": ["ls"] })
+        );
+    }
+
+    #[test]
+    fn eval_and_popen_are_refused() {
+        let p = b"\x80\x02cbuiltins\neval\nX\x0a\x00\x00\x00print(123)\x85R.";
+        assert_eq!(refused(p).0, "builtins.eval");
+        let p = b"\x80\x02c__builtin__\neval\nX\x0a\x00\x00\x00print(123)\x85R.";
+        assert_eq!(refused(p).0, "builtins.eval");
+        let p = b"\x80\x04\x8c\x0asubprocess\x8c\x05Popen\x93\x8c\x02ls\x85\x81.";
+        let (name, e) = refused(p);
+        assert_eq!(
+            (name.as_str(), e.opcode),
+            ("subprocess.Popen", Some(op::NEWOBJ))
+        );
+        let p = b"\x80\x04\x8c\x0asubprocess\x8c\x05Popen\x93\x8c\x02ls\x85}\x92.";
+        assert_eq!(refused(p).0, "subprocess.Popen");
+        // A module merely starting like an allowlisted one.
+        let p = b"\x80\x04\x8c\x09bb.events\x8c\x01X\x93)\x81.";
+        assert_eq!(refused(p).0, "bb.events.X");
+        // copyreg.__newobj__ applies the allowlist to its class.
+        let p = b"\x80\x02ccopyreg\n__newobj__\ncos\nsystem\n\x85R.";
+        assert_eq!(refused(p).0, "os.system");
+    }
+
+    /// `depth` levels of lists, each holding `width` references to the level below.
+    fn billion_laughs(depth: usize, width: usize) -> Vec<u8> {
+        let mut p = b"\x80\x04]\x94(".to_vec();
+        for _ in 0..width {
+            p.extend_from_slice(b"\x8c\x03lol");
+        }
+        p.push(b'e');
+        for level in 1..=depth {
+            p.extend_from_slice(b"0]\x94(");
+            for _ in 0..width {
+                p.push(b'h');
+                p.push((level - 1) as u8);
+            }
+            p.push(b'e');
+        }
+        p.push(b'.');
+        p
+    }
+
+    #[test]
+    fn billion_laughs_is_refused_quickly() {
+        let p = billion_laughs(12, 10);
+        let start = Instant::now();
+        let e = loads(&p).unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert!(
+            matches!(
+                e.reason,
+                PickleReason::Limit {
+                    what: "expanded size",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.opcode, Some(op::STOP));
+        // Without that limit it decodes in no time and no memory: all shared.
+        let d = Decoder {
+            limits: Limits {
+                max_expanded: u64::MAX,
+                ..Limits::default()
+            },
+            ..Decoder::default()
+        };
+        let v = d.loads(&p).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(1));
+        let top = v.as_seq().unwrap();
+        let (Value::List(a), Value::List(b)) = (&top[0], &top[9]) else {
+            panic!()
+        };
+        assert!(Arc::ptr_eq(a, b));
+    }
+
+    #[test]
+    fn huge_length_prefix_is_refused_before_allocating() {
+        let e = loads(b"\x80\x04X\xf0\xff\xff\xffhello").unwrap_err();
+        assert_eq!(
+            e,
+            PickleError {
+                offset: 2,
+                opcode: Some(op::BINUNICODE),
+                reason: PickleReason::LengthPrefix {
+                    len: 0xFFFF_FFF0,
+                    remaining: 5
+                },
+            }
+        );
+        let e = loads(b"\x80\x04\x8e\xff\xff\xff\xff\xff\xff\xff\xffabc").unwrap_err();
+        assert!(matches!(e.reason, PickleReason::LengthPrefix { .. }), "{e}");
+        let e = loads(b"\x80\x04\x95\xff\xff\xff\xff\xff\xff\xff\x7f.").unwrap_err();
+        assert!(matches!(e.reason, PickleReason::LengthPrefix { .. }), "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        // ((((...[]...),),),) built bottom-up: caught at the TUPLE1 going over.
+        let mut p = b"\x80\x04]".to_vec();
+        p.extend(std::iter::repeat_n(op::TUPLE1, 500));
+        p.push(b'.');
+        let e = loads(&p).unwrap_err();
+        assert!(
+            matches!(
+                e.reason,
+                PickleReason::Limit {
+                    what: "nesting depth",
+                    limit: 100
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!((e.offset, e.opcode), (3 + 99, Some(op::TUPLE1)));
+        // Lists nested top-down after being memoized: caught by the final pass.
+        let n = 200u32;
+        let mut p = b"\x80\x04".to_vec();
+        for _ in 0..n {
+            p.extend_from_slice(b"]\x94");
+        }
+        p.extend(std::iter::repeat_n(op::POP, n as usize - 1));
+        for i in 0..n - 1 {
+            p.push(b'j');
+            p.extend_from_slice(&i.to_le_bytes());
+            p.push(b'j');
+            p.extend_from_slice(&(i + 1).to_le_bytes());
+            p.extend_from_slice(b"a0");
+        }
+        p.push(b'.');
+        let e = loads(&p).unwrap_err();
+        assert!(
+            matches!(
+                e.reason,
+                PickleReason::Limit {
+                    what: "nesting depth",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.opcode, Some(op::STOP));
+        // Within the limit, the same shape decodes.
+        let d = Decoder {
+            limits: Limits {
+                max_depth: 300,
+                ..Limits::default()
+            },
+            ..Decoder::default()
+        };
+        assert!(d.loads(&p).is_ok());
+        // Open MARKs are bounded too.
+        let mut p = b"\x80\x04".to_vec();
+        p.extend(std::iter::repeat_n(op::MARK, 300_000));
+        let e = loads(&p).unwrap_err();
+        assert!(
+            matches!(
+                e.reason,
+                PickleReason::Limit {
+                    what: "open MARKs",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_and_unsupported_opcodes_are_refused() {
+        let e = loads(b"\x80\x04\xff.").unwrap_err();
+        assert_eq!(
+            (e.offset, e.opcode, e.reason.clone()),
+            (2, Some(0xff), PickleReason::UnknownOpcode(0xff))
+        );
+        assert!(e.to_string().contains("unknown opcode 0xff"), "{e}");
+        for p in [
+            &b"\x80\x02I1\n."[..],
+            b"\x80\x02P1\n.",
+            b"\x80\x05\x97.",
+            b"\x80\x02\x82\x01.",
+        ] {
+            let e = loads(p).unwrap_err();
+            assert!(matches!(e.reason, PickleReason::Unsupported(_)), "{e}");
+            assert_eq!(e.offset, 2);
+        }
+        let e = loads(b"\x80\x06N.").unwrap_err();
+        assert_eq!(e.reason, PickleReason::Protocol(6));
+        // Protocol 0/1 pickles (no PROTO) are not decoded.
+        let e = loads(b"(lp0\nI1\na.").unwrap_err();
+        assert!(matches!(e.reason, PickleReason::Malformed(_)), "{e}");
+    }
+
+    #[test]
+    fn truncated_and_empty_streams_are_errors() {
+        let e = loads(b"").unwrap_err();
+        assert_eq!((e.offset, e.reason), (0, PickleReason::Empty));
+        let e = decode_event_vars("\n \n").unwrap_err();
+        assert_eq!(e.reason, PickleReason::Empty);
+        let e = loads(b"\x80\x04J\x01\x02").unwrap_err();
+        assert_eq!(e.offset, 2);
+        assert!(matches!(e.reason, PickleReason::Truncated(_)), "{e}");
+        let e = loads(b"\x80\x04N").unwrap_err();
+        assert_eq!((e.offset, e.reason), (3, PickleReason::Unterminated));
+        let real = &fixture_pickles()[0];
+        for cut in 1..real.len() {
+            let e = loads(&real[..cut]).unwrap_err();
+            assert!(e.offset <= cut, "{e}");
+        }
+        let e = loads(b"\x80\x04N.N").unwrap_err();
+        assert!(matches!(e.reason, PickleReason::Malformed(_)), "{e}");
+        let e = decode_event_vars("gASV!!!").unwrap_err();
+        assert!(matches!(e.reason, PickleReason::Base64(_)), "{e}");
+    }
+
+    #[test]
+    fn malformed_streams_are_errors() {
+        for p in [
+            &b"\x80\x04."[..],                                // STOP on an empty stack
+            b"\x80\x04Na.",                                   // APPEND without a target
+            b"\x80\x04(N\x85.", // TUPLE1 across a MARK... leaves a MARK
+            b"\x80\x04h\x05.",  // undefined memo entry
+            b"\x80\x04NNa.",    // APPEND to None
+            b"\x80\x04}]Ns.",   // unhashable key
+            b"\x80\x04NN\x93.", // STACK_GLOBAL of None
+            b"\x80\x04e.",      // APPENDS without a MARK
+            b"\x80\x04\x8c\x01a\x8c\x01b\x93Nb.", // BUILD on a global
+            b"\x80\x04\x8c\x02re\x8c\x08_compile\x93N\x85R.", // re._compile(None)
+        ] {
+            let e = loads(p).unwrap_err();
+            assert!(matches!(e.reason, PickleReason::Malformed(_)), "{p:?}: {e}");
+            assert!(e.offset < p.len());
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let small = |f: fn(&mut Limits)| {
+            let mut limits = Limits::default();
+            f(&mut limits);
+            Decoder {
+                limits,
+                ..Decoder::default()
+            }
+        };
+        let real = &fixture_pickles()[0];
+        let e = small(|l| l.max_input_bytes = 10).loads(real).unwrap_err();
+        assert!(matches!(e.reason, PickleReason::TooLarge { .. }), "{e}");
+        let e = small(|l| l.max_items = 3).loads(real).unwrap_err();
+        assert!(
+            matches!(
+                e.reason,
+                PickleReason::Limit {
+                    what: "decoded items",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = small(|l| l.max_memo = 1).loads(real).unwrap_err();
+        assert!(
+            matches!(
+                e.reason,
+                PickleReason::Limit {
+                    what: "memo size",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = small(|l| l.max_stack = 2)
+            .loads(b"\x80\x04NNN.")
+            .unwrap_err();
+        assert!(
+            matches!(
+                e.reason,
+                PickleReason::Limit {
+                    what: "stack size",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = small(|l| l.max_container_len = 2)
+            .loads(b"\x80\x04](NNNe.")
+            .unwrap_err();
+        assert!(
+            matches!(
+                e.reason,
+                PickleReason::Limit {
+                    what: "container length",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = small(|l| l.max_int_bytes = 4)
+            .loads(b"\x80\x04\x8a\x05\x00\x00\x00\x00\x01.")
+            .unwrap_err();
+        assert!(matches!(e.reason, PickleReason::Limit { .. }), "{e}");
+    }
+
+    #[test]
+    fn copying_a_big_list_over_and_over_is_refused() {
+        // l = [None] * 100_000, then set(l) a thousand times: 100 M copied values.
+        let mut p = b"\x80\x04\x8c\x08builtins\x8c\x03set\x93\x94](".to_vec();
+        p.extend(std::iter::repeat_n(op::NONE, 100_000));
+        p.extend_from_slice(b"e\x94");
+        for _ in 0..1000 {
+            p.extend_from_slice(b"h\x00h\x01\x85R0");
+        }
+        p.push(b'.');
+        let start = Instant::now();
+        let e = loads(&p).unwrap_err();
+        assert!(
+            matches!(
+                e.reason,
+                PickleReason::Limit {
+                    what: "decoded items",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn python_reprs() {
+        assert_eq!(py_float_repr(1e-5), "1e-05");
+        assert_eq!(py_float_repr(1e16), "1e+16");
+        assert_eq!(py_float_repr(123.0), "123.0");
+        assert_eq!(py_float_repr(-0.0), "-0.0");
+        assert_eq!(py_float_repr(0.0001), "0.0001");
+        assert_eq!(py_float_repr(1234.5678), "1234.5678");
+        assert_eq!(py_float_repr(1.5e300), "1.5e+300");
+        assert_eq!(py_str_repr("it's"), "\"it's\"");
+        assert_eq!(py_str_repr("a\"'\n\u{1}é"), "'a\"\\'\\n\\x01é'");
+        assert_eq!(py_bytes_repr(b"a'b", false), "b\"a'b\"");
+        assert_eq!(
+            le_twos_complement_to_decimal(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0xff]),
+            "-9223372036854775808"
+        );
+    }
+
+    // ---- properties -------------------------------------------------------------------
+
+    fn check_no_panic(data: &[u8]) -> Result<(), TestCaseError> {
+        match loads(data) {
+            Ok(v) => {
+                let _ = to_json(&v);
+            }
+            Err(e) => {
+                prop_assert!(e.offset <= data.len(), "{e}");
+                if e.offset == data.len() {
+                    prop_assert!(
+                        matches!(e.reason, PickleReason::Unterminated | PickleReason::Empty),
+                        "{e}"
+                    );
+                }
+                let _ = e.to_string();
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            check_no_panic(&data)?;
+        }
+
+        #[test]
+        fn arbitrary_opcodes_never_panic(
+            proto in 2u8..=5,
+            body in proptest::collection::vec(
+                prop_oneof![
+                    4 => proptest::sample::select(
+                        (0u8..=0x98).filter(|b| opcode_name(*b).is_some()).collect::<Vec<_>>()
+                    ),
+                    1 => any::<u8>(),
+                ],
+                0..256,
+            ),
+        ) {
+            let mut data = vec![op::PROTO, proto];
+            data.extend(body);
+            check_no_panic(&data)?;
+        }
+
+        #[test]
+        fn mutated_fixture_pickles_never_panic(
+            pick in any::<prop::sample::Index>(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..4), 1..6),
+        ) {
+            let pickles = fixture_pickles();
+            let mut data = pickles[pick.index(pickles.len())].clone();
+            for (at, byte, kind) in edits {
+                if data.is_empty() {
+                    break;
+                }
+                let i = at.index(data.len());
+                match kind {
+                    0 => data[i] = byte,
+                    1 => data.insert(i, byte),
+                    2 => {
+                        data.remove(i);
+                    }
+                    _ => data[i] ^= 1 << (byte % 8),
+                }
+            }
+            check_no_panic(&data)?;
         }
     }
 }
