@@ -567,6 +567,7 @@ fn decode_only(path: &Path, format: Format, ctx: &Context) -> anyhow::Result<Pas
     let decode = match format {
         Format::BepJson => codec::decode_json,
         Format::BepBinary => codec::decode_binary,
+        Format::BitbakeEventlog => anyhow::bail!("bench translate measures Bazel streams only"),
     };
     let (mut events, mut bytes) = (0u64, 0u64);
     loop {
@@ -940,7 +941,7 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
     ] {
         let label = match format {
             Format::BepJson => "json",
-            Format::BepBinary => "binary",
+            _ => "binary",
         };
         let names: Vec<String> = stages.iter().map(|s| s.name(label)).collect();
         reset_ok &= reset_peak();
@@ -950,7 +951,7 @@ fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
             |k| match stages[k] {
                 Stage::Baseline => match format {
                     Format::BepJson => baseline_json(path),
-                    Format::BepBinary => baseline_bin(path),
+                    _ => baseline_bin(path),
                 },
                 Stage::Decode => decode_only(path, format, &ctx),
                 Stage::NoSink => translate(path, Some(format), &ctx, false),

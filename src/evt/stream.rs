@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::bazel::{codec, BazelTranslator};
+use super::bitbake::codec::{self as bb_codec, BbEvent};
+use super::bitbake::BitbakeTranslator;
 use super::error::{InputError, Reason};
 use super::framing::{Framer, Framing, Next};
 use super::{Context, Emit, Translator};
@@ -25,6 +27,8 @@ pub enum Format {
     BepJson,
     /// Bazel `--build_event_binary_file`.
     BepBinary,
+    /// BitBake event log (`bitbake -w FILE`).
+    BitbakeEventlog,
 }
 
 impl Format {
@@ -32,18 +36,20 @@ impl Format {
         match self {
             Format::BepJson => "bep-json",
             Format::BepBinary => "bep-binary",
+            Format::BitbakeEventlog => "bitbake-eventlog",
         }
     }
 
     pub fn system(self) -> &'static str {
         match self {
             Format::BepJson | Format::BepBinary => "bazel",
+            Format::BitbakeEventlog => "bitbake",
         }
     }
 
     pub fn framing(self) -> Framing {
         match self {
-            Format::BepJson => Framing::JsonLines,
+            Format::BepJson | Format::BitbakeEventlog => Framing::JsonLines,
             Format::BepBinary => Framing::Varint,
         }
     }
@@ -63,7 +69,17 @@ impl Format {
     /// Tells the format from the file name, else from the first bytes.
     pub fn detect(path: &Path, head: &[u8]) -> Result<Format, Reason> {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let first_line = head.split(|&b| b == b'\n').next().unwrap_or(head);
+        let bitbake = |l: &[u8]| {
+            let l = String::from_utf8_lossy(&l[..l.len().min(4096)]).replace(' ', "");
+            l.starts_with("{\"allvariables\"")
+                || (l.contains("\"class\":") && l.contains("\"vars\":"))
+        };
         match ext {
+            "eventlog" => return Ok(Format::BitbakeEventlog),
+            "json" | "jsonl" | "ndjson" if bitbake(first_line) => {
+                return Ok(Format::BitbakeEventlog)
+            }
             "json" | "jsonl" | "ndjson" => return Ok(Format::BepJson),
             "bin" | "pb" | "binpb" => return Ok(Format::BepBinary),
             _ => {}
@@ -71,6 +87,7 @@ impl Format {
         let first = head.iter().find(|b| !b.is_ascii_whitespace());
         match first {
             None => Err(Reason::Empty),
+            Some(b'{') if bitbake(first_line) => Ok(Format::BitbakeEventlog),
             Some(b'{') => Ok(Format::BepJson),
             // A BEP binary frame starts with a varint length, then field 1 (id), wire type 2.
             Some(_) if head.iter().skip_while(|&&b| b & 0x80 != 0).nth(1) == Some(&0x0a) => {
@@ -385,6 +402,22 @@ fn drive<R: BufRead>(
                 out,
             );
             report.unknown = tr.stats().unknown;
+            report.builds = tr.stats().builds;
+        }
+        Format::BitbakeEventlog => {
+            let mut tr = BitbakeTranslator::new(ctx.clone(), source);
+            let decode: &Decoder<BbEvent> = &bb_codec::decode_line;
+            run(
+                reader,
+                format,
+                &origin,
+                ctx,
+                decode,
+                &mut tr,
+                &mut report,
+                follow,
+                out,
+            );
             report.builds = tr.stats().builds;
         }
     }

@@ -6,6 +6,7 @@
 mod harness;
 
 mod bazel;
+mod bitbake;
 mod bus;
 mod cli;
 mod dsi_store;

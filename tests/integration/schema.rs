@@ -27,6 +27,7 @@ const FIXTURES: &[&str] = &[
     "tests/fixtures/bazel/*.bin",
     "tests/fixtures/bazel/bazel-2.1.0/*.json",
     "tests/fixtures/bazel/bazel-2.1.0/*.bin",
+    "tests/fixtures/bitbake/*.eventlog",
 ];
 
 /// File names (globs) that [`FIXTURES`] matches but that are not inputs of

@@ -1,0 +1,113 @@
+//! Decoding one line of a BitBake event log (`bitbake -w FILE`) into a [`BbEvent`].
+//!
+//! A line is either an event, `{"class": "bb.build.TaskStarted", "vars": "<base64>"}`
+//! (base64 of a pickle, with a newline every 76 characters), or the build's variables,
+//! `{"allvariables": {VAR: {"v": value, "history": [...], ...}}}`, written right after
+//! `BuildStarted`. Only the values of the variables are kept.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+use super::pickle::{self, Value};
+use crate::evt::error::Reason;
+
+/// One decoded BitBake event.
+#[derive(Debug, Clone)]
+pub enum BbEvent {
+    /// A pickled event: its class, its pickle, and the decoded object.
+    Event {
+        class: String,
+        raw: Vec<u8>,
+        value: Value,
+    },
+    /// The build's variables (`allvariables` of the event log, or fetched live).
+    Variables(BTreeMap<String, String>),
+}
+
+#[derive(Deserialize)]
+struct Line {
+    class: Option<String>,
+    vars: Option<String>,
+    allvariables: Option<BTreeMap<String, VarEntry>>,
+}
+
+#[derive(Deserialize)]
+struct VarEntry {
+    v: Option<serde_json::Value>,
+}
+
+/// Decodes the pickle of an event and checks its class.
+pub fn decode_pickle(raw: Vec<u8>, class: Option<&str>) -> Result<BbEvent, Reason> {
+    let value = pickle::loads(&raw).map_err(|e| Reason::Event(e.to_string()))?;
+    let found = value
+        .as_object()
+        .map(|o| o.class.to_string())
+        .ok_or_else(|| {
+            Reason::Event(format!(
+                "the pickle holds a {}, not an event object",
+                value.kind()
+            ))
+        })?;
+    if let Some(c) = class {
+        if c != found {
+            return Err(Reason::Event(format!(
+                "line says class {c} but the pickle holds {found}"
+            )));
+        }
+    }
+    Ok(BbEvent::Event {
+        class: found,
+        raw,
+        value,
+    })
+}
+
+/// Decodes one event-log line.
+pub fn decode_line(bytes: &[u8]) -> Result<BbEvent, Reason> {
+    let text = std::str::from_utf8(bytes).map_err(|e| Reason::InvalidUtf8(e.valid_up_to()))?;
+    let line: Line = serde_json::from_str(text).map_err(|e| Reason::Json(e.to_string()))?;
+    if let Some(vars) = line.allvariables {
+        let vars = vars
+            .into_iter()
+            .filter_map(|(k, e)| {
+                let v = match e.v? {
+                    serde_json::Value::String(s) => s,
+                    serde_json::Value::Null => return None,
+                    other => other.to_string(),
+                };
+                Some((k, v))
+            })
+            .collect();
+        return Ok(BbEvent::Variables(vars));
+    }
+    let (Some(class), Some(vars)) = (line.class, line.vars) else {
+        return Err(Reason::Event(
+            "neither an event (class, vars) nor allvariables".into(),
+        ));
+    };
+    let compact: Vec<u8> = vars.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&compact)
+        .map_err(|e| Reason::Event(format!("vars is not base64: {e}")))?;
+    decode_pickle(raw, Some(&class))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_lines_are_clear_errors() {
+        assert!(matches!(decode_line(b"{"), Err(Reason::Json(_))));
+        assert!(matches!(decode_line(b"{\"x\":1}"), Err(Reason::Event(_))));
+        let e = decode_line(b"{\"class\":\"a\",\"vars\":\"!!!\"}").unwrap_err();
+        assert!(e.to_string().contains("base64"), "{e}");
+        // A REDUCE of os.system is refused, never run.
+        let evil = base64::engine::general_purpose::STANDARD.encode(b"\x80\x04\x95\x1e\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c\x02ls\x94\x85\x94R\x94.");
+        let line = format!("{{\"class\":\"os.system\",\"vars\":\"{evil}\"}}");
+        let e = decode_line(line.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("os.system"), "{e}");
+    }
+}
