@@ -69,6 +69,8 @@ pub enum BenchWhat {
     Translate(TranslateBench),
     /// Publish rate, DSI storage rate and end-to-end latency on private servers.
     Pipeline(super::bench_pipeline::PipelineBench),
+    /// BitBake event-log translation against a bare JSON + base64 parse.
+    Bitbake(super::bench_bitbake::BitbakeBench),
 }
 
 #[derive(Debug, Args)]
@@ -113,6 +115,7 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<ExitCode> {
     match &a.what {
         BenchWhat::Translate(t) => run_translate(cli, t),
         BenchWhat::Pipeline(p) => super::bench_pipeline::run(cli, p),
+        BenchWhat::Bitbake(b) => super::bench_bitbake::run(cli, b),
     }
 }
 

@@ -16,11 +16,12 @@ use crate::evt::error::Reason;
 /// One decoded BitBake event.
 #[derive(Debug, Clone)]
 pub enum BbEvent {
-    /// A pickled event: its class, its pickle, and the decoded object.
+    /// A pickled event: its class, its pickle, and the decoded object (`None` for the
+    /// classes the translator does not read: they are not decoded at all).
     Event {
         class: String,
         raw: Vec<u8>,
-        value: Value,
+        value: Option<Value>,
     },
     /// The build's variables (`allvariables` of the event log, or fetched live).
     Variables(BTreeMap<String, String>),
@@ -60,7 +61,7 @@ pub fn decode_pickle(raw: Vec<u8>, class: Option<&str>) -> Result<BbEvent, Reaso
     Ok(BbEvent::Event {
         class: found,
         raw,
-        value,
+        value: Some(value),
     })
 }
 
@@ -87,10 +88,22 @@ pub fn decode_line(bytes: &[u8]) -> Result<BbEvent, Reason> {
             "neither an event (class, vars) nor allvariables".into(),
         ));
     };
+    if !(class.starts_with("bb.") || class.starts_with("logging.")) {
+        return Err(Reason::Event(format!(
+            "class {class} is not a BitBake event class; its pickle was not decoded"
+        )));
+    }
     let compact: Vec<u8> = vars.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     let raw = base64::engine::general_purpose::STANDARD
         .decode(&compact)
         .map_err(|e| Reason::Event(format!("vars is not base64: {e}")))?;
+    if !super::translate::relevant(&class) {
+        return Ok(BbEvent::Event {
+            class,
+            raw,
+            value: None,
+        });
+    }
     decode_pickle(raw, Some(&class))
 }
 
@@ -102,11 +115,11 @@ mod tests {
     fn bad_lines_are_clear_errors() {
         assert!(matches!(decode_line(b"{"), Err(Reason::Json(_))));
         assert!(matches!(decode_line(b"{\"x\":1}"), Err(Reason::Event(_))));
-        let e = decode_line(b"{\"class\":\"a\",\"vars\":\"!!!\"}").unwrap_err();
+        let e = decode_line(b"{\"class\":\"bb.event.X\",\"vars\":\"!!!\"}").unwrap_err();
         assert!(e.to_string().contains("base64"), "{e}");
         // A REDUCE of os.system is refused, never run.
-        let evil = base64::engine::general_purpose::STANDARD.encode(b"\x80\x04\x95\x1e\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c\x02ls\x94\x85\x94R\x94.");
-        let line = format!("{{\"class\":\"os.system\",\"vars\":\"{evil}\"}}");
+        let evil = "gASMAm9zlIwGc3lzdGVtlJOUjAJsc5SFlFKULg==";
+        let line = format!("{{\"class\":\"bb.event.BuildStarted\",\"vars\":\"{evil}\"}}");
         let e = decode_line(line.as_bytes()).unwrap_err();
         assert!(e.to_string().contains("os.system"), "{e}");
     }

@@ -56,6 +56,41 @@ pub const METADATA_VARS: [&str; 8] = [
 /// Variables other parts need later (the artifact scanner's deploy directory).
 const OTHER_VARS: [&str; 3] = ["DEPLOY_DIR_IMAGE", "TMPDIR", "TOPDIR"];
 
+/// Whether the translator reads events of this class (by its last name). The others
+/// (parse progress, recipe hooks, ...) only count toward the build id, so the event-log
+/// reader does not even decode their pickles.
+pub fn relevant(class: &str) -> bool {
+    let short = class.rsplit('.').next().unwrap_or(class);
+    matches!(
+        short,
+        "BuildInit"
+            | "BuildStarted"
+            | "BuildCompleted"
+            | "CommandCompleted"
+            | "CommandFailed"
+            | "CommandExit"
+            | "MetadataEvent"
+            | "DepTreeGenerated"
+            | "ParseCompleted"
+            | "CacheLoadCompleted"
+            | "NoProvider"
+            | "MultipleProviders"
+            | "DiskFull"
+            | "LogRecord"
+            | "HeartbeatEvent"
+            | "TaskStarted"
+            | "TaskSucceeded"
+            | "TaskFailed"
+            | "TaskFailedSilent"
+            | "runQueueTaskStarted"
+            | "runQueueTaskCompleted"
+            | "runQueueTaskFailed"
+            | "runQueueTaskSkipped"
+            | "sceneQueueTaskCompleted"
+            | "sceneQueueTaskFailed"
+    )
+}
+
 struct Draft {
     payload: Payload,
     entity: Vec<String>,
@@ -867,7 +902,7 @@ impl BitbakeTranslator {
                     st.failed = false;
                 }
             }
-            _ => self.stats.ignored += 1,
+            _ => {}
         }
         self.freeze(false, out);
     }
@@ -885,7 +920,17 @@ impl Translator for BitbakeTranslator {
                 self.freeze(false, out);
             }
             BbEvent::Event { class, raw, value } => {
-                if let Some(o) = value.as_object() {
+                if !relevant(&class) {
+                    // Part of the build's identity, nothing else.
+                    if self.cmd.build_id.is_none() {
+                        let h = self.cmd.hasher.get_or_insert_with(Sha256::new);
+                        h.update((raw.len() as u64).to_le_bytes());
+                        h.update(&raw);
+                    }
+                    self.stats.ignored += 1;
+                    return;
+                }
+                if let Some(o) = value.as_ref().and_then(Value::as_object) {
                     self.on_event(&class, &raw, o, out);
                 }
             }
