@@ -302,3 +302,63 @@ fn follow_picks_up_appended_events_and_resumes_from_its_checkpoint() {
         "and none twice: the checkpoint worked"
     );
 }
+
+/// BitBake event logs publish exactly as BEP files do, and `--follow` ends with the
+/// command (`CommandCompleted`).
+#[test]
+fn bitbake_logs_publish_and_follow() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let (url, _) = vhost("bus-bitbake");
+    let files = [
+        "bitbake/rebuild.eventlog",
+        "bitbake/nothing-provides.eventlog",
+    ];
+    let (published, _) = rt().block_on(publish_all(&url, &files, None));
+    let want = expected_ids(&files);
+    assert_eq!(published as usize, want.len());
+    let got: BTreeSet<String> = rt()
+        .block_on(drain(&url, DSI_QUEUE))
+        .iter()
+        .map(|(_, p)| p.message_id().as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(got, want);
+
+    let dir = tempdir();
+    let src = std::fs::read(fixture("bitbake/success.eventlog")).unwrap();
+    let path = dir.path().join("growing.eventlog");
+    let cut = src.len() / 2;
+    std::fs::write(&path, &src[..cut]).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_buildbus"))
+        .args(["publish", "--follow", "--no-checkpoint", "--url", &url])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(child.try_wait().unwrap().is_none(), "still following");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(&src[cut..]).unwrap();
+    f.flush().unwrap();
+    assert!(
+        wait_until(30, || child.try_wait().unwrap().is_some()),
+        "ends after CommandCompleted"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = expected_ids(&["bitbake/success.eventlog"]);
+    let got: BTreeSet<String> = rt()
+        .block_on(drain(&url, DSI_QUEUE))
+        .iter()
+        .map(|(_, p)| p.message_id().as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(got, want);
+}
