@@ -1,7 +1,7 @@
 //! `buildbus demo`: the whole pipeline on this machine, on the bundled real streams.
 //!
 //! Starts a private RabbitMQ node (own port and folder), publishes every bundled Bazel
-//! stream with confirms, runs a pool of DSI workers into a demo SQLite file until every
+//! and BitBake stream with confirms, runs a pool of DSI workers into a demo SQLite file until every
 //! message is stored, prints `query builds` and one build in detail, and stops the node.
 
 use std::path::PathBuf;
@@ -56,16 +56,19 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let store = format!("sqlite:{}", store_path.display());
     let mut files: Vec<PathBuf> = Vec::new();
-    for sub in ["bazel", "bazel/bazel-2.1.0"] {
+    // Bazel 4.2.3 as JSON, Bazel 2.1.0 as binary protobuf, BitBake event logs.
+    for (sub, ext) in [
+        ("bazel", ".json"),
+        ("bazel/bazel-2.1.0", ".bin"),
+        ("bitbake", ".eventlog"),
+    ] {
         let dir = a.fixtures.join(sub);
         let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
             .with_context(|| format!("reading {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                !name.starts_with("bes_capture")
-                    && (name.ends_with(".json") && sub == "bazel"
-                        || name.ends_with(".bin") && sub != "bazel")
+                !name.starts_with("bes_capture") && name.ends_with(ext)
             })
             .collect();
         found.sort();
