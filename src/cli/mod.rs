@@ -4,6 +4,7 @@
 mod bench;
 mod bench_bitbake;
 mod bench_pipeline;
+mod bitbake_live;
 mod demo;
 mod dsi;
 mod publish;
@@ -44,6 +45,7 @@ pub struct Cli {
 pub enum Command {
     Translate(translate::TranslateArgs),
     Publish(publish::PublishArgs),
+    BitbakeLive(bitbake_live::BitbakeLiveArgs),
     Setup(publish::SetupArgs),
     Dsi(dsi::DsiArgs),
     Demo(demo::DemoArgs),
@@ -129,6 +131,7 @@ pub fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Translate(a) => translate::run(&cli, a),
         Command::Publish(a) => publish::publish(&cli, a),
+        Command::BitbakeLive(a) => bitbake_live::run(&cli, a),
         Command::Setup(a) => publish::setup(&cli, a),
         Command::Dsi(a) => dsi::run(&cli, a),
         Command::Demo(a) => demo::run(&cli, a),

@@ -7,6 +7,8 @@ mod harness;
 
 mod bazel;
 mod bitbake;
+mod bitbake_live;
+mod bitbake_session;
 mod bus;
 mod cli;
 mod dsi_store;

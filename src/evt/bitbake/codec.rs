@@ -31,12 +31,25 @@ pub enum BbEvent {
 struct Line {
     class: Option<String>,
     vars: Option<String>,
-    allvariables: Option<BTreeMap<String, VarEntry>>,
+    allvariables: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-struct VarEntry {
-    v: Option<serde_json::Value>,
+/// The values of an `allvariables` object (`{VAR: {"v": value, ...}}`); variables
+/// without a value are left out, non-string values are kept as JSON text.
+pub fn variables_from_json(all: &serde_json::Value) -> BTreeMap<String, String> {
+    let Some(map) = all.as_object() else {
+        return BTreeMap::new();
+    };
+    map.iter()
+        .filter_map(|(k, e)| {
+            let v = match e.get("v")? {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => return None,
+                other => other.to_string(),
+            };
+            Some((k.clone(), v))
+        })
+        .collect()
 }
 
 /// Decodes the pickle of an event and checks its class.
@@ -70,18 +83,7 @@ pub fn decode_line(bytes: &[u8]) -> Result<BbEvent, Reason> {
     let text = std::str::from_utf8(bytes).map_err(|e| Reason::InvalidUtf8(e.valid_up_to()))?;
     let line: Line = serde_json::from_str(text).map_err(|e| Reason::Json(e.to_string()))?;
     if let Some(vars) = line.allvariables {
-        let vars = vars
-            .into_iter()
-            .filter_map(|(k, e)| {
-                let v = match e.v? {
-                    serde_json::Value::String(s) => s,
-                    serde_json::Value::Null => return None,
-                    other => other.to_string(),
-                };
-                Some((k, v))
-            })
-            .collect();
-        return Ok(BbEvent::Variables(vars));
+        return Ok(BbEvent::Variables(variables_from_json(&vars)));
     }
     let (Some(class), Some(vars)) = (line.class, line.vars) else {
         return Err(Reason::Event(

@@ -18,7 +18,8 @@
 //!   `CommandFailed` become error logs and `MultipleProviders` a warning, with details.
 //!
 //! **Identity.** BitBake gives builds no id. The build id is a hash of the command's
-//! events (their pickles) up to the first event after `BuildInit` that carries a time,
+//! events that the translator reads (their pickles; parse-progress events are left out,
+//! their order varies) up to the first event after `BuildInit` that carries a time,
 //! so it is the same for the event log and the live stream of one run, and differs
 //! between runs. **Context**: the Pulse fields come from the build's variables (the
 //! event log's `allvariables` line, or variables fetched live) and the `LayerInfo`
@@ -56,9 +57,9 @@ pub const METADATA_VARS: [&str; 8] = [
 /// Variables other parts need later (the artifact scanner's deploy directory).
 const OTHER_VARS: [&str; 3] = ["DEPLOY_DIR_IMAGE", "TMPDIR", "TOPDIR"];
 
-/// Whether the translator reads events of this class (by its last name). The others
-/// (parse progress, recipe hooks, ...) only count toward the build id, so the event-log
-/// reader does not even decode their pickles.
+/// Whether the translator reads events of this class (by its last name). The event-log
+/// reader does not even decode the pickles of the others (parse progress, recipe
+/// hooks, ...).
 pub fn relevant(class: &str) -> bool {
     let short = class.rsplit('.').next().unwrap_or(class);
     matches!(
@@ -921,12 +922,9 @@ impl Translator for BitbakeTranslator {
             }
             BbEvent::Event { class, raw, value } => {
                 if !relevant(&class) {
-                    // Part of the build's identity, nothing else.
-                    if self.cmd.build_id.is_none() {
-                        let h = self.cmd.hasher.get_or_insert_with(Sha256::new);
-                        h.update((raw.len() as u64).to_le_bytes());
-                        h.update(&raw);
-                    }
+                    // Not even part of the build's identity: BitBake's parser processes
+                    // send these concurrently, so a live UI may get them in another
+                    // order than the event log has them.
                     self.stats.ignored += 1;
                     return;
                 }
