@@ -80,6 +80,24 @@ fn fill<R: BufRead>(reader: &mut R) -> std::io::Result<&[u8]> {
     reader.fill_buf()
 }
 
+/// The most a varint frame's buffer is allocated ahead of the data that fills it.
+const RESERVE_AHEAD: usize = 1 << 20;
+
+/// A complete varint length prefix at the start of `data`: its value and length. `None`
+/// when `data` ends inside the prefix or the prefix is longer than 10 bytes.
+fn varint_prefix(data: &[u8]) -> Option<(u64, usize)> {
+    let mut len: u64 = 0;
+    for (i, &byte) in data.iter().take(10).enumerate() {
+        len |= u64::from(byte & 0x7f)
+            .checked_shl(7 * i as u32)
+            .unwrap_or(0);
+        if byte & 0x80 == 0 {
+            return Some((len, i + 1));
+        }
+    }
+    None
+}
+
 impl<R: BufRead> Framer<R> {
     pub fn new(reader: R, framing: Framing, origin: &str, limit: u64) -> Framer<R> {
         Framer::starting_at(reader, framing, origin, limit, 0, 0)
@@ -282,7 +300,23 @@ impl<R: BufRead> Framer<R> {
                 self.discarding = Some((left - n as u64, size));
                 continue;
             }
-            // Reading the length prefix, one byte at a time (it is at most 10 bytes).
+            // The length prefix, in one step when the buffered data holds all of it.
+            if self.want.is_none() && self.buf.is_empty() {
+                let whole = match fill(&mut self.reader) {
+                    Ok(c) => varint_prefix(c),
+                    Err(e) => return Next::Failed(self.io_error(e)),
+                };
+                if let Some((len, n)) = whole {
+                    self.frame_start = self.offset;
+                    self.consume(n);
+                    if len > self.limit {
+                        self.discarding = Some((len, len));
+                        continue;
+                    }
+                    self.want = Some(len);
+                }
+            }
+            // Else one byte at a time (it is at most 10 bytes).
             if self.want.is_none() {
                 let first = match fill(&mut self.reader) {
                     Ok(c) => c.first().copied(),
@@ -325,6 +359,10 @@ impl<R: BufRead> Framer<R> {
                 self.want = Some(len);
             }
             let want = self.want.unwrap_or(0) as usize;
+            // The frame's length is known: one allocation of the right size (at most
+            // RESERVE_AHEAD beyond the data, so a corrupt length cannot claim much memory).
+            self.buf
+                .reserve_exact((want - self.buf.len()).min(RESERVE_AHEAD));
             while self.buf.len() < want {
                 let chunk = match fill(&mut self.reader) {
                     Ok(c) => c,
@@ -426,6 +464,42 @@ mod tests {
         assert_eq!(ok[2].index, 4);
         let p = partial.unwrap();
         assert_eq!(p.start, data.len() as u64 - 1);
+    }
+
+    #[test]
+    fn varint_frames_are_the_same_whatever_the_read_size() {
+        // Frames with 1-, 2- and 3-byte length prefixes.
+        let lens = [0usize, 1, 127, 128, 300, 20_000, 5];
+        let mut data = Vec::new();
+        let mut want = Vec::new();
+        for (k, &len) in lens.iter().enumerate() {
+            let start = data.len() as u64;
+            let mut v = len as u64;
+            loop {
+                let b = (v & 0x7f) as u8;
+                v >>= 7;
+                data.push(if v == 0 { b } else { b | 0x80 });
+                if v == 0 {
+                    break;
+                }
+            }
+            let body: Vec<u8> = (0..len).map(|i| (i * 7 + k) as u8).collect();
+            data.extend(&body);
+            want.push((start, data.len() as u64, body));
+        }
+        for cap in [1, 2, 3, 7, 64, 1 << 16] {
+            let reader = std::io::BufReader::with_capacity(cap, Cursor::new(data.clone()));
+            let mut f = Framer::new(reader, Framing::Varint, "t", 1 << 20);
+            let mut got = Vec::new();
+            loop {
+                match f.next_frame() {
+                    Next::Frame(fr) => got.push((fr.start, fr.end, fr.bytes)),
+                    Next::End { partial: None } => break,
+                    other => panic!("read size {cap}: {other:?}"),
+                }
+            }
+            assert_eq!(got, want, "read size {cap}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,12 +49,12 @@ impl Kind {
 
     /// `buildbus/<kind>/v1`.
     pub fn schema(self) -> String {
-        format!("buildbus/{}/{MODEL_VERSION}", self.as_str())
+        ["buildbus/", self.as_str(), "/", MODEL_VERSION].concat()
     }
 
     /// The exchange of this kind under `prefix`.
     pub fn exchange(self, prefix: &str) -> String {
-        format!("{}/{}", prefix.trim_end_matches('/'), self.as_str())
+        [prefix.trim_end_matches('/'), "/", self.as_str()].concat()
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
@@ -97,7 +98,26 @@ pub struct Meta {
     /// two translations of one stream.
     pub sent: String,
     pub serializer: String,
-    pub source: SourceMeta,
+    /// Shared by every message read from one input (read it as a `SourceMeta`).
+    #[serde(with = "shared_source")]
+    pub source: Arc<SourceMeta>,
+}
+
+/// `Meta::source` on the wire: the `SourceMeta` itself.
+mod shared_source {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::SourceMeta;
+
+    pub fn serialize<S: Serializer>(source: &Arc<SourceMeta>, s: S) -> Result<S::Ok, S::Error> {
+        source.as_ref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<SourceMeta>, D::Error> {
+        SourceMeta::deserialize(d).map(Arc::new)
+    }
 }
 
 /// The fields every payload carries (Pulse's filter dimensions and the build's identity).
@@ -377,32 +397,35 @@ impl Payload {
         }
     }
 
-    /// The kind-specific words after the five common ones.
-    fn key_tail(&self) -> Vec<Option<&str>> {
+    /// Appends the kind-specific words that follow the five common ones.
+    fn key_tail<'a>(&'a self, words: &mut Vec<Option<&'a str>>) {
         match self {
-            Payload::Build(p) => vec![Some(p.state.as_str()), p.result.map(BuildResult::as_str)],
-            Payload::Task(p) => vec![
+            Payload::Build(p) => {
+                words.extend([Some(p.state.as_str()), p.result.map(BuildResult::as_str)])
+            }
+            Payload::Task(p) => words.extend([
                 Some(p.outcome.as_str()),
                 Some(p.target.as_str()),
                 Some(p.task.as_str()),
-            ],
-            Payload::Test(p) => vec![Some(p.status.as_str()), Some(p.test.as_str())],
-            Payload::Artifact(p) => vec![Some(p.kind.as_str())],
-            Payload::Log(p) => vec![Some(p.level.as_str())],
+            ]),
+            Payload::Test(p) => words.extend([Some(p.status.as_str()), Some(p.test.as_str())]),
+            Payload::Artifact(p) => words.push(Some(p.kind.as_str())),
+            Payload::Log(p) => words.push(Some(p.level.as_str())),
         }
     }
 
     /// The routing key of this payload (see [`routing`]).
     pub fn routing_key(&self) -> String {
         let c = self.common();
-        let mut words = vec![
+        let mut words = Vec::with_capacity(8);
+        words.extend([
             c.tree.as_deref(),
             c.platform.as_deref(),
             c.buildtype.as_deref(),
             c.product.as_deref(),
             Some(c.system.as_str()),
-        ];
-        words.extend(self.key_tail());
+        ]);
+        self.key_tail(&mut words);
         routing::key(&words)
     }
 }
@@ -422,6 +445,16 @@ impl Envelope {
         payload: Payload,
         entity_parts: &[&str],
         source: SourceMeta,
+        exchange_prefix: &str,
+    ) -> Envelope {
+        Envelope::with_shared_source(payload, entity_parts, Arc::new(source), exchange_prefix)
+    }
+
+    /// [`Envelope::new`] with a source shared by many messages (a translator's input).
+    pub fn with_shared_source(
+        payload: Payload,
+        entity_parts: &[&str],
+        source: Arc<SourceMeta>,
         exchange_prefix: &str,
     ) -> Envelope {
         let kind = payload.kind();
@@ -451,8 +484,14 @@ impl Envelope {
 
     /// The JSON bytes sent on the bus.
     pub fn to_json(&self) -> Vec<u8> {
+        // Room for a typical message (about 1.1 KB) from the start, rather than growing
+        // from nothing.
+        let mut json = Vec::with_capacity(1536);
         // Serializing plain structs of strings, numbers and maps with string keys cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        match serde_json::to_writer(&mut json, self) {
+            Ok(()) => json,
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Parses an envelope from JSON, typing the payload by `_meta.kind`.

@@ -12,33 +12,60 @@
 
 use sha2::{Digest, Sha256};
 
-fn digest(domain: &str, parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    h.update(domain.as_bytes());
-    for p in parts {
-        // Length prefixes keep ("ab","c") and ("a","bc") apart.
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p.as_bytes());
+/// A SHA-256 over a domain and length-prefixed parts.
+struct IdHasher(Sha256);
+
+impl IdHasher {
+    fn new(domain: &str) -> IdHasher {
+        let mut h = Sha256::new();
+        h.update(domain.as_bytes());
+        IdHasher(h)
     }
-    hex::encode(&h.finalize()[..16])
+
+    fn part(&mut self, p: &str) {
+        // Length prefixes keep ("ab","c") and ("a","bc") apart.
+        self.0.update((p.len() as u64).to_le_bytes());
+        self.0.update(p.as_bytes());
+    }
+
+    /// `prefix` followed by the first 128 bits of the hash in lower-case hex.
+    fn finish(self, prefix: &str) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let hash = self.0.finalize();
+        let mut id = String::with_capacity(prefix.len() + 32);
+        id.push_str(prefix);
+        for b in &hash[..16] {
+            id.push(char::from(HEX[usize::from(b >> 4)]));
+            id.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        id
+    }
 }
 
 /// The id of an entity: `kind` plus the parts that name it within build `build_id`.
 pub fn entity_id(system: &str, build_id: &str, kind: &str, parts: &[&str]) -> String {
-    let mut all = Vec::with_capacity(parts.len() + 3);
-    all.extend_from_slice(&[system, build_id, kind]);
-    all.extend_from_slice(parts);
-    format!("bb1e-{}", digest("entity", &all))
+    let mut h = IdHasher::new("entity");
+    for p in [system, build_id, kind].iter().chain(parts) {
+        h.part(p);
+    }
+    h.finish("bb1e-")
 }
 
 /// The id of one message: an entity in one state.
 pub fn message_id(entity_id: &str, state: &str) -> String {
-    format!("bb1m-{}", digest("message", &[entity_id, state]))
+    let mut h = IdHasher::new("message");
+    h.part(entity_id);
+    h.part(state);
+    h.finish("bb1m-")
 }
 
 /// A short stable hash of a string, for shortened routing-key words and build ids.
 pub fn short_hash(s: &str) -> String {
-    digest("short", &[s])[..16].to_string()
+    let mut h = IdHasher::new("short");
+    h.part(s);
+    let mut hex = h.finish("");
+    hex.truncate(16);
+    hex
 }
 
 #[cfg(test)]
@@ -53,5 +80,17 @@ mod tests {
         assert_ne!(a, entity_id("bazel", "b1", "task", &["//a:bb", "uild"]));
         assert_ne!(message_id(&a, "started"), message_id(&a, "finished"));
         assert!(a.starts_with("bb1e-") && a.len() == 5 + 32);
+    }
+
+    /// The ids are stored and deduplicated on: their values must never change.
+    #[test]
+    fn ids_keep_their_values() {
+        let e = entity_id("bazel", "b1", "task", &["//a:b", "build"]);
+        assert_eq!(e, "bb1e-a5920dac8ee56c5be1cb8b3edddd699b");
+        assert_eq!(
+            message_id(&e, "succeeded"),
+            "bb1m-641e3078b84741ab11e9842e57275eb6"
+        );
+        assert_eq!(short_hash("x"), "92e8937097dfb3d0");
     }
 }

@@ -35,27 +35,43 @@ fn needs_escape(c: char) -> bool {
 
 /// Escapes one value into one routing-key word; `None` becomes `_`.
 pub fn escape_word(value: Option<&str>) -> String {
+    let mut word = String::new();
+    push_escaped(&mut word, value);
+    word
+}
+
+/// Appends the escaped word of `value` to `out`.
+fn push_escaped(out: &mut String, value: Option<&str>) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let Some(v) = value else {
-        return ABSENT.to_string();
+        out.push_str(ABSENT);
+        return;
     };
     if v.is_empty() {
-        return "%".to_string();
+        out.push('%');
+        return;
     }
     if v == ABSENT {
-        return "%5F".to_string();
+        out.push_str("%5F");
+        return;
     }
-    let mut out = String::with_capacity(v.len());
+    // Most values (labels, platform names, states) need no escape at all.
+    if !v.contains(needs_escape) {
+        out.push_str(v);
+        return;
+    }
     for c in v.chars() {
         if needs_escape(c) {
             let mut buf = [0u8; 4];
             for b in c.encode_utf8(&mut buf).bytes() {
-                out.push_str(&format!("%{b:02X}"));
+                out.push('%');
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
             }
         } else {
             out.push(c);
         }
     }
-    out
 }
 
 /// Reverses [`escape_word`]: `_` gives `None`. A shortened word (one holding `~`) or a
@@ -132,6 +148,18 @@ pub fn join_words(mut words: Vec<String>) -> String {
 
 /// Builds a key from optional raw values: escapes each, then joins and shortens.
 pub fn key(values: &[Option<&str>]) -> String {
+    // Escaped straight into the key; only a key over the limit goes word by word
+    // through the shortening.
+    let mut key = String::with_capacity(128);
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            key.push('.');
+        }
+        push_escaped(&mut key, *v);
+    }
+    if key.len() <= MAX_KEY_BYTES {
+        return key;
+    }
     join_words(values.iter().map(|v| escape_word(*v)).collect())
 }
 
@@ -166,6 +194,21 @@ mod tests {
         }
         assert_eq!(escape_word(None), "_");
         assert_eq!(unescape_word("_").unwrap(), None);
+    }
+
+    #[test]
+    fn a_short_key_is_its_escaped_words_joined() {
+        let values = [
+            Some("bep-fixture"),
+            None,
+            Some(""),
+            Some("_"),
+            Some("a.b c"),
+            Some("ü*"),
+        ];
+        let words: Vec<String> = values.iter().map(|v| escape_word(*v)).collect();
+        assert_eq!(key(&values), words.join("."));
+        assert_eq!(key(&values), "bep-fixture._.%.%5F.a%2Eb%20c.ü%2A");
     }
 
     #[test]

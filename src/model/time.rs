@@ -6,10 +6,25 @@
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 
 /// Milliseconds since the Unix epoch as RFC 3339, or `None` when out of range.
+///
+/// The last time formatted on each thread is kept: most messages of a build carry the
+/// same few times (the build's start stands in for events that have none).
 pub fn from_millis(ms: i64) -> Option<String> {
-    Utc.timestamp_millis_opt(ms)
-        .single()
-        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != ms {
+            let text = Utc
+                .timestamp_millis_opt(ms)
+                .single()?
+                .to_rfc3339_opts(SecondsFormat::Millis, true);
+            *last = (ms, text);
+        }
+        Some(last.1.clone())
+    })
 }
 
 /// Seconds (with fraction) since the Unix epoch, as BitBake's `time.time()` gives them.
@@ -66,6 +81,18 @@ mod tests {
         let s = from_millis(1_795_258_578_674).unwrap();
         assert_eq!(s, "2026-11-21T10:56:18.674Z");
         assert_eq!(to_millis(&s), Some(1_795_258_578_674));
+    }
+
+    #[test]
+    fn repeated_and_alternating_times_format_alike() {
+        for ms in [0, 1_795_258_578_674, 0, 0, -1, 1_795_258_578_674] {
+            let expected = Utc
+                .timestamp_millis_opt(ms)
+                .single()
+                .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true));
+            assert_eq!(from_millis(ms), expected);
+        }
+        assert_eq!(from_millis(-1).as_deref(), Some("1969-12-31T23:59:59.999Z"));
     }
 
     #[test]

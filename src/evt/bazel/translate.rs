@@ -94,7 +94,8 @@ struct Build {
     /// `original_cmd` (or the unstructured one) joined and redacted, once known.
     command: Option<String>,
     unstructured_cmd: Option<Vec<String>>,
-    canonical_options: HashMap<String, String>,
+    /// The canonical command line's options (name, value) in order; a later one wins.
+    canonical_options: Vec<(String, String)>,
     patterns: Vec<String>,
     pattern_failure: Option<String>,
     target_kinds: HashMap<String, String>,
@@ -131,7 +132,12 @@ impl RuleSource for Build {
                 _ => String::new(),
             }),
             "make" => config().and_then(|c| c.make_variable.get(key).cloned()),
-            "option" => self.canonical_options.get(key).cloned(),
+            "option" => self
+                .canonical_options
+                .iter()
+                .rev()
+                .find(|(name, _)| name == key)
+                .map(|(_, value)| value.clone()),
             "repo" => self.lookup(key).and_then(|url| repo_name(&url)),
             "workspace" => self
                 .workspace_dir
@@ -156,7 +162,8 @@ pub struct Stats {
 /// Translates the BEP events of one stream (one or more invocations, one after another).
 pub struct BazelTranslator {
     ctx: Arc<Context>,
-    source: SourceMeta,
+    /// Shared by every message of the stream.
+    source: Arc<SourceMeta>,
     build: Build,
     stats: Stats,
     /// The transport's time for the current event (BES gives one), in ms.
@@ -230,7 +237,7 @@ impl BazelTranslator {
     pub fn new(ctx: Arc<Context>, source: SourceMeta) -> BazelTranslator {
         BazelTranslator {
             ctx,
-            source,
+            source: Arc::new(source),
             build: Build::default(),
             stats: Stats::default(),
             event_time_ms: None,
@@ -284,13 +291,13 @@ impl BazelTranslator {
             return;
         };
         for mut d in self.build.pending.drain(..) {
-            let ts = d.payload.common().timestamp.clone();
+            let ts = d.payload.common_mut().timestamp.take();
             *d.payload.common_mut() = fields.common(id, SYSTEM, ts);
             let parts: Vec<&str> = d.entity.iter().map(String::as_str).collect();
-            out(Envelope::new(
+            out(Envelope::with_shared_source(
                 d.payload,
                 &parts,
-                self.source.clone(),
+                Arc::clone(&self.source),
                 &self.ctx.exchange_prefix,
             ));
         }
@@ -319,8 +326,9 @@ impl BazelTranslator {
                 .configs
                 .iter()
                 .filter(|(_, c)| !c.is_tool && !c.platform_name.is_empty())
-                .map(|(id, _)| id.clone())
-                .min();
+                .map(|(id, _)| id)
+                .min()
+                .cloned();
         }
         self.build.fields = Some(PulseFields::resolve(
             &self.ctx.rules(SYSTEM),
@@ -452,43 +460,42 @@ impl BazelTranslator {
         self.build.done = true;
     }
 
-    fn named_set_files(&self, roots: &[String]) -> Vec<bep::File> {
+    /// The files of the named sets `roots`, through their nested sets, each set once.
+    fn named_set_files<'a>(&'a self, roots: &[&'a str]) -> Vec<&'a bep::File> {
         let mut seen: HashSet<&str> = HashSet::new();
-        let mut stack: Vec<&str> = roots.iter().map(String::as_str).rev().collect();
+        let mut stack: Vec<&str> = roots.iter().rev().copied().collect();
         let mut files = Vec::new();
         while let Some(id) = stack.pop() {
             if !seen.insert(id) {
                 continue;
             }
             if let Some(set) = self.build.named_sets.get(id) {
-                files.extend(set.files.iter().cloned());
+                files.extend(&set.files);
                 stack.extend(set.sets.iter().map(String::as_str).rev());
             }
         }
         files
     }
 
-    fn artifact(
-        &mut self,
+    /// An artifact message for file `f`, whose path is `path`.
+    fn artifact_payload(
+        &self,
         f: &bep::File,
-        kind: &str,
+        path: String,
+        kind: String,
         target: Option<&str>,
-        entity: Vec<String>,
         ts: Option<i64>,
-        out: &mut Emit<'_>,
-    ) {
-        let path = file_path(f);
-        let p = ArtifactPayload {
+    ) -> Payload {
+        Payload::Artifact(ArtifactPayload {
             common: self.common_placeholder(ts),
             path,
             uri: file_uri(f),
-            kind: kind.to_string(),
+            kind,
             size: u64::try_from(f.length).ok().filter(|&l| l > 0),
             sha256: sha256_of(f),
             target: target.map(str::to_string),
             fields: BTreeMap::new(),
-        };
-        self.draft(Payload::Artifact(p), entity, out);
+        })
     }
 
     fn on_target_completed(
@@ -504,7 +511,10 @@ impl BazelTranslator {
         } else {
             id.aspect.clone()
         };
-        let (outcome, failure, files) = match payload {
+        // The output files' artifacts are made while the named sets are borrowed, and
+        // sent after the task.
+        let mut artifacts = Vec::new();
+        let (outcome, failure) = match payload {
             Some(P::Completed(c)) => {
                 let outcome = if c.success {
                     TaskOutcome::Succeeded
@@ -512,34 +522,45 @@ impl BazelTranslator {
                     TaskOutcome::Failed
                 };
                 let failure = c.failure_detail.as_ref().and_then(|d| nonempty(&d.message));
-                let mut groups: Vec<(String, Vec<String>)> = c
+                let mut groups: Vec<(&str, Vec<&str>)> = c
                     .output_group
                     .iter()
                     .map(|g| {
                         (
-                            g.name.clone(),
-                            g.file_sets.iter().map(|s| s.id.clone()).collect(),
+                            g.name.as_str(),
+                            g.file_sets.iter().map(|s| s.id.as_str()).collect(),
                         )
                     })
                     .collect();
                 groups.sort();
-                let mut files: Vec<(String, bep::File)> = Vec::new();
+                let mut files: Vec<(&str, &bep::File)> = Vec::new();
                 for (name, sets) in &groups {
                     for f in self.named_set_files(sets) {
-                        files.push((name.clone(), f));
+                        files.push((name, f));
                     }
                 }
                 if groups.is_empty() {
-                    files.extend(
-                        c.important_output
-                            .iter()
-                            .map(|f| ("default".to_string(), f.clone())),
-                    );
+                    files.extend(c.important_output.iter().map(|f| ("default", f)));
                 }
-                (outcome, failure, files)
+                let mut seen = HashSet::new();
+                for (group, f) in files {
+                    let path = file_path(f);
+                    if !seen.insert(path.clone()) {
+                        continue;
+                    }
+                    let kind = if group == "default" {
+                        "output".to_string()
+                    } else {
+                        format!("output:{group}")
+                    };
+                    let entity = vec![id.label.clone(), cfg.clone(), path.clone()];
+                    let p = self.artifact_payload(f, path, kind, Some(&id.label), None);
+                    artifacts.push((p, entity));
+                }
+                (outcome, failure)
             }
-            Some(P::Aborted(a)) => (TaskOutcome::NotExecuted, nonempty(&a.description), vec![]),
-            _ => (TaskOutcome::Failed, None, vec![]),
+            Some(P::Aborted(a)) => (TaskOutcome::NotExecuted, nonempty(&a.description)),
+            _ => (TaskOutcome::Failed, None),
         };
         let p = TaskPayload {
             common: self.common_placeholder(None),
@@ -560,19 +581,8 @@ impl BazelTranslator {
             vec![id.label.clone(), cfg.clone(), task],
             out,
         );
-        let mut seen = HashSet::new();
-        for (group, f) in files {
-            let path = file_path(&f);
-            if !seen.insert(path.clone()) {
-                continue;
-            }
-            let kind = if group == "default" {
-                "output".to_string()
-            } else {
-                format!("output:{group}")
-            };
-            let entity = vec![id.label.clone(), cfg.clone(), path];
-            self.artifact(&f, &kind, Some(&id.label), entity, None, out);
+        for (p, entity) in artifacts {
+            self.draft(p, entity, out);
         }
     }
 
@@ -680,7 +690,9 @@ impl BazelTranslator {
             };
             let mut entity = base.clone();
             entity.push(f.name.clone());
-            self.artifact(f, kind, Some(&id.label), entity, start, out);
+            let a =
+                self.artifact_payload(f, file_path(f), kind.to_string(), Some(&id.label), start);
+            self.draft(a, entity, out);
         }
     }
 
@@ -797,7 +809,10 @@ impl BazelTranslator {
                 b.announced.insert(c);
             }
         }
-        self.source.tool_version = self.build.tool_version.clone();
+        if self.source.tool_version != self.build.tool_version {
+            // Messages already sent keep the source they were sent with.
+            Arc::make_mut(&mut self.source).tool_version = self.build.tool_version.clone();
+        }
         self.stats.builds += 1;
         // Messages that came before `started` got no timestamp: give them the start.
         let started = self.build.started_ms.and_then(time::from_millis);
@@ -809,17 +824,17 @@ impl BazelTranslator {
         }
     }
 
-    fn on_structured(&mut self, label: &str, cl: &bep::CommandLine) {
+    fn on_structured(&mut self, label: &str, cl: bep::CommandLine) {
         use bep::command_line_section::SectionType;
         match label {
             // The command as typed: every chunk and option, in order.
             "original" => {
                 let mut args = Vec::new();
-                for s in &cl.sections {
-                    match &s.section_type {
-                        Some(SectionType::ChunkList(c)) => args.extend(c.chunk.iter().cloned()),
+                for s in cl.sections {
+                    match s.section_type {
+                        Some(SectionType::ChunkList(c)) => args.extend(c.chunk),
                         Some(SectionType::OptionList(o)) => {
-                            args.extend(o.option.iter().map(|opt| opt.combined_form.clone()))
+                            args.extend(o.option.into_iter().map(|opt| opt.combined_form))
                         }
                         None => {}
                     }
@@ -828,16 +843,17 @@ impl BazelTranslator {
             }
             // Effective option values, for `option:NAME` rules.
             "canonical" => {
-                self.build.canonical_options = cl
-                    .sections
-                    .iter()
-                    .filter_map(|s| match &s.section_type {
-                        Some(SectionType::OptionList(o)) => Some(o),
-                        _ => None,
-                    })
-                    .flat_map(|o| &o.option)
-                    .map(|opt| (opt.option_name.clone(), opt.option_value.clone()))
-                    .collect();
+                let mut options = Vec::new();
+                for s in cl.sections {
+                    if let Some(SectionType::OptionList(o)) = s.section_type {
+                        options.extend(
+                            o.option
+                                .into_iter()
+                                .map(|opt| (opt.option_name, opt.option_value)),
+                        );
+                    }
+                }
+                self.build.canonical_options = options;
             }
             _ => {}
         }
@@ -870,7 +886,7 @@ impl Translator for BazelTranslator {
                 self.build.status = s.item.into_iter().map(|i| (i.key, i.value)).collect();
             }
             (Id::StructuredCommandLine(sid), Some(P::StructuredCommandLine(cl))) => {
-                self.on_structured(&sid.command_line_label, &cl);
+                self.on_structured(&sid.command_line_label, cl);
             }
             (Id::UnstructuredCommandLine(_), Some(P::UnstructuredCommandLine(u))) => {
                 self.build.unstructured_cmd = Some(u.args);
