@@ -35,7 +35,11 @@ pub struct BitbakeLiveArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub server: String,
     /// Targets to build (repeatable).
-    #[arg(long = "target", value_name = "TARGET", required_unless_present = "observe")]
+    #[arg(
+        long = "target",
+        value_name = "TARGET",
+        required_unless_present = "observe"
+    )]
     pub targets: Vec<String>,
     /// The task to run on the targets.
     #[arg(long, default_value = "build")]

@@ -13,7 +13,10 @@ use buildbus::evt::Context;
 use crate::harness::*;
 
 fn from_log() -> BTreeSet<String> {
-    clean("bitbake/live-xmlrpc.eventlog").iter().map(identity).collect()
+    clean("bitbake/live-xmlrpc.eventlog")
+        .iter()
+        .map(identity)
+        .collect()
 }
 
 fn replay(rt: &tokio::runtime::Runtime) -> ReplayServer {
@@ -30,7 +33,12 @@ fn a_live_session_gives_the_messages_of_its_event_log() {
     opts.env = Some(vec![("PATH".into(), "/usr/bin:/bin".into())]);
     let mut msgs = Vec::new();
     let report = rt
-        .block_on(translate_live(opts, Arc::new(Context::builtin()), None, |e| msgs.push(e)))
+        .block_on(translate_live(
+            opts,
+            Arc::new(Context::builtin()),
+            None,
+            |e| msgs.push(e),
+        ))
         .expect("session");
     assert_eq!(report.live.end, LiveEnd::CommandCompleted);
     assert_eq!(report.live.events, 686);
@@ -39,7 +47,10 @@ fn a_live_session_gives_the_messages_of_its_event_log() {
     let log = from_log();
     let only_live: Vec<_> = live.difference(&log).take(2).collect();
     let only_log: Vec<_> = log.difference(&live).take(2).collect();
-    assert!(live == log, "live-only {only_live:#?}\nlog-only {only_log:#?}");
+    assert!(
+        live == log,
+        "live-only {only_live:#?}\nlog-only {only_log:#?}"
+    );
     assert_eq!(msgs[0].meta.source.format, "bitbake-xmlrpc");
     let f = finished(&msgs);
     assert_eq!(f.common.platform.as_deref(), Some("demo-qemux86-64"));
@@ -52,7 +63,14 @@ fn bitbake_live_prints_and_publishes() {
     // --print: JSON lines on stdout.
     let server = replay(&rt);
     let addr = server.addr().to_string();
-    let o = buildbus(&["bitbake-live", "--server", &addr, "--target", "demo-image", "--print"]);
+    let o = buildbus(&[
+        "bitbake-live",
+        "--server",
+        &addr,
+        "--target",
+        "demo-image",
+        "--print",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let printed: BTreeSet<String> = String::from_utf8(o.stdout)
         .unwrap()
@@ -69,12 +87,25 @@ fn bitbake_live_prints_and_publishes() {
     let (url, _) = vhost("bb-live");
     let server = replay(&rt);
     let addr = server.addr().to_string();
-    let o = buildbus(&["bitbake-live", "--server", &addr, "--target", "demo-image", "--url", &url]);
+    let o = buildbus(&[
+        "bitbake-live",
+        "--server",
+        &addr,
+        "--target",
+        "demo-image",
+        "--url",
+        &url,
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    let want: BTreeSet<String> =
-        clean("bitbake/live-xmlrpc.eventlog").iter().map(|m| m.meta.message_id.clone()).collect();
-    assert!(err.contains(&format!("{} messages published", want.len())), "{err}");
+    let want: BTreeSet<String> = clean("bitbake/live-xmlrpc.eventlog")
+        .iter()
+        .map(|m| m.meta.message_id.clone())
+        .collect();
+    assert!(
+        err.contains(&format!("{} messages published", want.len())),
+        "{err}"
+    );
     let got: BTreeSet<String> = rt
         .block_on(drain(&url, DSI_QUEUE))
         .iter()

@@ -53,7 +53,10 @@ where
         };
         let report = run_live_with(opts, interrupts, |ev| match ev.value {
             Ok(value) => {
-                let class = value.as_object().map(|o| o.class.to_string()).unwrap_or_default();
+                let class = value
+                    .as_object()
+                    .map(|o| o.class.to_string())
+                    .unwrap_or_default();
                 let event = BbEvent::Event {
                     class,
                     raw: ev.pickle.to_vec(),
