@@ -2269,7 +2269,7 @@ fn py_bytes_repr(b: &[u8], bytearray: bool) -> String {
 
 /// `repr(str)`. Which characters Python escapes depends on the Unicode database; this
 /// covers controls, C1, a few invisible format characters and separators.
-fn py_str_repr(s: &str) -> String {
+pub(crate) fn py_str_repr(s: &str) -> String {
     let quote = if s.contains('\'') && !s.contains('"') {
         '"'
     } else {

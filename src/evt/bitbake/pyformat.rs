@@ -43,33 +43,7 @@ pub fn py_str(v: &Value) -> String {
 /// `repr(v)`.
 pub fn py_repr(v: &Value) -> String {
     match v {
-        Value::Str(s) => {
-            let quote = if s.contains('\'') && !s.contains('"') {
-                '"'
-            } else {
-                '\''
-            };
-            let mut out = String::with_capacity(s.len() + 2);
-            out.push(quote);
-            for c in s.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '\n' => out.push_str("\\n"),
-                    '\r' => out.push_str("\\r"),
-                    '\t' => out.push_str("\\t"),
-                    c if c == quote => {
-                        out.push('\\');
-                        out.push(c);
-                    }
-                    c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                        out.push_str(&format!("\\x{:02x}", c as u32))
-                    }
-                    c => out.push(c),
-                }
-            }
-            out.push(quote);
-            out
-        }
+        Value::Str(s) => super::pickle::py_str_repr(s),
         other => py_str(other),
     }
 }
