@@ -15,7 +15,7 @@
 //! - [`model`]: the normalized message model v1 (envelope, payload kinds, routing keys,
 //!   deterministic ids): the contract between all other parts;
 //! - [`evt`]: the Event Translation Layer; one folder per build system
-//!   ([`evt::bazel`] now, BitBake next), sharing framing, errors, redaction, the
+//!   ([`evt::bazel`], [`evt::bitbake`]), sharing framing, errors, redaction, the
 //!   Pulse-field rules and the stream driver (files, followed files);
 //! - [`bus`]: RabbitMQ: topology, the AMQP form of a message, the confirmed publisher,
 //!   file sources with checkpoints;
@@ -25,14 +25,15 @@
 //!   the benchmarks;
 //! - [`config`]: `config/buildbus.toml`, compiled in as the defaults;
 //! - [`report`]: human summaries of translated builds;
+//! - [`client`]: filtered subscriptions with callbacks, behind `buildbus monitor`;
 //! - [`cli`]: the `buildbus` command line (`anyhow` lives only there and in `main.rs`).
 //!
-//! Still to come (see the issues): BitBake in `evt/bitbake/`, `aam/` (artifact
-//! analysis), `client/` (filtered subscriptions and `buildbus monitor`), and the Bazel
-//! Build Event Service source.
+//! Still to come (see the issues): `aam/` (artifact analysis) and the Bazel Build Event
+//! Service source.
 
 pub mod bus;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod dsi;
 pub mod evt;

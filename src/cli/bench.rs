@@ -71,6 +71,8 @@ pub enum BenchWhat {
     Pipeline(super::bench_pipeline::PipelineBench),
     /// BitBake event-log translation against a bare JSON + base64 parse.
     Bitbake(super::bench_bitbake::BitbakeBench),
+    /// Client library: callbacks/s with a no-op callback, publish → callback latency.
+    Monitor(super::bench_monitor::MonitorBench),
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +118,7 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<ExitCode> {
         BenchWhat::Translate(t) => run_translate(cli, t),
         BenchWhat::Pipeline(p) => super::bench_pipeline::run(cli, p),
         BenchWhat::Bitbake(b) => super::bench_bitbake::run(cli, b),
+        BenchWhat::Monitor(m) => super::bench_monitor::run(cli, m),
     }
 }
 

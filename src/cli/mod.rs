@@ -3,10 +3,12 @@
 
 mod bench;
 mod bench_bitbake;
+mod bench_monitor;
 mod bench_pipeline;
 mod bitbake_live;
 mod demo;
 mod dsi;
+mod monitor;
 mod publish;
 mod query;
 mod translate;
@@ -48,6 +50,7 @@ pub enum Command {
     BitbakeLive(bitbake_live::BitbakeLiveArgs),
     Setup(publish::SetupArgs),
     Dsi(dsi::DsiArgs),
+    Monitor(monitor::MonitorArgs),
     Demo(demo::DemoArgs),
     Query(query::QueryArgs),
     Bench(bench::BenchArgs),
@@ -134,6 +137,7 @@ pub fn main() -> ExitCode {
         Command::BitbakeLive(a) => bitbake_live::run(&cli, a),
         Command::Setup(a) => publish::setup(&cli, a),
         Command::Dsi(a) => dsi::run(&cli, a),
+        Command::Monitor(a) => monitor::run(&cli, a),
         Command::Demo(a) => demo::run(&cli, a),
         Command::Query(a) => query::run(&cli, a),
         Command::Bench(a) => bench::run(&cli, a),

@@ -11,6 +11,7 @@ mod bitbake_live;
 mod bitbake_session;
 mod bus;
 mod cli;
+mod client;
 mod dsi_store;
 mod fuzz;
 mod pipeline;
