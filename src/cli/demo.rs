@@ -2,7 +2,9 @@
 //!
 //! Starts a private RabbitMQ node (own port and folder), publishes every bundled Bazel
 //! and BitBake stream with confirms, runs a pool of DSI workers into a demo SQLite file until every
-//! message is stored, prints `query builds` and one build in detail, and stops the node.
+//! message is stored, runs a filtered monitor (finished builds and test summaries of one
+//! tree and platform) alongside, prints `query builds` and one build in detail, and stops
+//! the node.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -16,6 +18,7 @@ use clap::Args;
 use super::{Cli, FieldArgs};
 use crate::bus::publish::{Publisher, PublisherConfig};
 use crate::bus::source::{publish_file, FileOptions};
+use crate::client::MonitorBuilder;
 use crate::dsi::worker::{run_pool, DsiConfig, DsiStats};
 use crate::infra::rabbitmq::RabbitNode;
 
@@ -79,6 +82,39 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
         .context("starting RabbitMQ (scripts/ensure-deps.sh installs it)")?;
     let url = node.amqp_url();
     step(t, &format!("broker up on 127.0.0.1:{}", node.amqp_port()));
+    // A filtered monitor, as another team would run it: finished builds and test
+    // summaries of tree bep-fixture on platform k8 (its filters are broker bindings).
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let monitor = {
+        let (b, t) = (seen.clone(), seen.clone());
+        MonitorBuilder::new(&url)
+            .trees(["bep-fixture"])
+            .platforms(["k8"])
+            .on_build(move |_m, build| {
+                let line = format!(
+                    "build {} {} ({})",
+                    build.result.map(|r| r.as_str()).unwrap_or("?"),
+                    build.targets.join(" "),
+                    build.common.build_id
+                );
+                b.lock().map(|mut v| v.push(line)).ok();
+            })
+            .on_test(move |_m, test| {
+                let line = format!("test {} {}", test.status, test.test);
+                t.lock().map(|mut v| v.push(line)).ok();
+            })
+            .start()
+            .context("starting the monitor")?
+    };
+    monitor.wait_ready(Duration::from_secs(30));
+    step(
+        t,
+        &format!(
+            "monitor subscribed (tree bep-fixture, platform k8): {} bindings, e.g. {}",
+            monitor.bindings().len(),
+            monitor.bindings().first().map(|b| format!("{} <- {}", b.routing_key, b.exchange)).unwrap_or_default()
+        ),
+    );
     let rt = super::publish::runtime()?;
     let published = rt.block_on(async {
         let mut p =
@@ -126,6 +162,14 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
     stop.store(true, Ordering::Relaxed);
     rt.block_on(pool)??;
+    // Give the monitor a moment to finish its last callbacks, then stop it.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = monitor.stop();
+    let lines = seen.lock().map(|v| v.clone()).unwrap_or_default();
+    step(t, &format!("the monitor's callbacks ran {} times:", lines.len()));
+    for l in &lines {
+        eprintln!("           {l}");
+    }
     step(
         t,
         &format!(
