@@ -112,7 +112,11 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
         &format!(
             "monitor subscribed (tree bep-fixture, platform k8): {} bindings, e.g. {}",
             monitor.bindings().len(),
-            monitor.bindings().first().map(|b| format!("{} <- {}", b.routing_key, b.exchange)).unwrap_or_default()
+            monitor
+                .bindings()
+                .first()
+                .map(|b| format!("{} <- {}", b.routing_key, b.exchange))
+                .unwrap_or_default()
         ),
     );
     let rt = super::publish::runtime()?;
@@ -166,7 +170,10 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
     std::thread::sleep(Duration::from_millis(500));
     let _ = monitor.stop();
     let lines = seen.lock().map(|v| v.clone()).unwrap_or_default();
-    step(t, &format!("the monitor's callbacks ran {} times:", lines.len()));
+    step(
+        t,
+        &format!("the monitor's callbacks ran {} times:", lines.len()),
+    );
     for l in &lines {
         eprintln!("           {l}");
     }
