@@ -7,7 +7,8 @@
 //!   `wait_for_confirms`), on the same broker;
 //! - DSI: a queue preloaded with N distinct messages, drained by 1, 2 and 4 workers into
 //!   a fresh SQLite file and a fresh PostgreSQL database (messages/s; each message is
-//!   two rows: the message and its entity);
+//!   two rows: the message and its entity), beside the store alone (the same messages
+//!   written straight into a fresh store, no broker);
 //! - latency: messages published at a steady rate while the DSI runs; latency is the
 //!   store's commit time minus the message's `sent` time, p50 and p99.
 
@@ -232,6 +233,45 @@ pub fn run(_cli: &Cli, a: &PipelineBench) -> anyhow::Result<ExitCode> {
         bytes as f64 / 1e6 / ours
     );
     println!("| ratio | {:.2} | |", raw / ours);
+    println!();
+    // The store alone (its baseline): the same messages written straight into a fresh
+    // store in batches of 500, on a plain thread, no broker.
+    println!("| store alone, batches of 500 | messages/s | rows/s |");
+    println!("|---|---:|---:|");
+    let mut alone = vec![(
+        "SQLite".to_string(),
+        format!("sqlite:{}", dir.join("alone.db").display()),
+    )];
+    if let Some(pg) = &pg {
+        pg.psql("DROP DATABASE IF EXISTS bench_alone")?;
+        pg.psql("CREATE DATABASE bench_alone")?;
+        alone.push((
+            "PostgreSQL".to_string(),
+            format!(
+                "postgres://{}@127.0.0.1:{}/bench_alone",
+                pg.user(),
+                pg.port()
+            ),
+        ));
+    }
+    for (name, store) in alone {
+        let batch = envs.clone();
+        let secs = std::thread::spawn(move || -> anyhow::Result<f64> {
+            let mut st = crate::dsi::store::open(&store)?;
+            let t = Instant::now();
+            for chunk in batch.chunks(500) {
+                st.write_batch(chunk)?;
+            }
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("store thread panicked"))??;
+        println!(
+            "| {name} | {:.0} | {:.0} |",
+            n as f64 / secs,
+            2.0 * n as f64 / secs
+        );
+    }
     println!();
     // DSI: preload, then drain into fresh stores.
     println!("| DSI store | workers | messages/s | rows/s |");
