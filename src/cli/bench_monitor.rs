@@ -17,10 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use clap::Args;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use super::Cli;
@@ -103,25 +100,9 @@ fn messages(fixtures: &std::path::Path, n: usize) -> anyhow::Result<Vec<Outgoing
 
 /// Publishes everything at once (confirms awaited at the end).
 async fn preload(url: &str, msgs: &[Outgoing]) -> anyhow::Result<()> {
-    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    for m in msgs {
-        drop(
-            ch.basic_publish(
-                m.exchange.as_str().into(),
-                m.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &m.body,
-                m.properties.clone(),
-            )
-            .await?,
-        );
-    }
-    ch.wait_for_confirms().await?;
-    let _ = ch.close(200, "bye".into()).await;
-    let _ = conn.close(200, "bye".into()).await;
-    Ok(())
+    super::bench_pipeline::publish_raw(url, msgs)
+        .await
+        .map(|_| ())
 }
 
 /// A labelled monitor with a no-op callback, declared once so its queue fills.

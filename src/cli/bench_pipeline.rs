@@ -122,7 +122,9 @@ async fn publish_buildbus(url: &str, msgs: &[Outgoing]) -> anyhow::Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-async fn publish_raw(url: &str, msgs: &[Outgoing]) -> anyhow::Result<f64> {
+/// A bare lapin publisher: every message published, all confirms awaited at the end;
+/// returns the seconds it took (also the bare baseline other benches preload with).
+pub(crate) async fn publish_raw(url: &str, msgs: &[Outgoing]) -> anyhow::Result<f64> {
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -142,6 +144,7 @@ async fn publish_raw(url: &str, msgs: &[Outgoing]) -> anyhow::Result<f64> {
     }
     ch.wait_for_confirms().await?;
     let secs = t.elapsed().as_secs_f64();
+    let _ = ch.close(200, "bye".into()).await;
     let _ = conn.close(200, "bye".into()).await;
     Ok(secs)
 }
