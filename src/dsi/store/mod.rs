@@ -821,6 +821,24 @@ pub(crate) fn from_json_col<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// The JSON columns of a build row, parsed: `tags`, `targets`, `counts`, `metadata`
+/// (as both stores read them back).
+pub(crate) type BuildJson = (Vec<String>, Vec<String>, Counts, BTreeMap<String, String>);
+
+/// Parses the JSON columns of build `build_id`, naming the column that does not parse.
+pub(crate) fn build_json_cols(
+    store: &str,
+    build_id: &str,
+    [tags, targets, counts, metadata]: [&str; 4],
+) -> Result<BuildJson, StoreError> {
+    Ok((
+        from_json_col(store, "builds", build_id, "tags", tags)?,
+        from_json_col(store, "builds", build_id, "targets", targets)?,
+        from_json_col(store, "builds", build_id, "counts", counts)?,
+        from_json_col(store, "builds", build_id, "metadata", metadata)?,
+    ))
+}
+
 /// Outcomes that [`BuildDetail::failed_tasks`] lists.
 pub(crate) const FAILED_OUTCOMES: [&str; 2] = ["failed", "not_executed"];
 

@@ -26,9 +26,9 @@ use postgres::types::ToSql;
 use postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
-    from_json_col, latest_per_row, prepare, row_values, time_text, ArtifactRow, BuildDetail,
-    BuildFilter, BuildRow, ColType, LogRow, Msg, Store, StoreError, Table, TableCounts, TaskRow,
-    TestRow, Val, WriteStats, FAILED_OUTCOMES, SCHEMA_VERSION, TABLES,
+    build_json_cols, from_json_col, latest_per_row, prepare, row_values, time_text, ArtifactRow,
+    BuildDetail, BuildFilter, BuildRow, ColType, LogRow, Msg, Store, StoreError, Table,
+    TableCounts, TaskRow, TestRow, Val, WriteStats, FAILED_OUTCOMES, SCHEMA_VERSION, TABLES,
 };
 use crate::model::Envelope;
 
@@ -432,18 +432,13 @@ const BUILD_SELECT: &str = "SELECT build_id, system, state, result, tree, platfo
 
 fn build_row(store: &str, r: &Row) -> Result<Result<BuildRow, StoreError>, postgres::Error> {
     let build_id: String = r.try_get(0)?;
-    let tags: String = r.try_get(10)?;
-    let targets: String = r.try_get(11)?;
-    let counts: String = r.try_get(19)?;
-    let metadata: String = r.try_get(22)?;
-    let parsed = (|| {
-        Ok::<_, StoreError>((
-            from_json_col(store, "builds", &build_id, "tags", &tags)?,
-            from_json_col(store, "builds", &build_id, "targets", &targets)?,
-            from_json_col(store, "builds", &build_id, "counts", &counts)?,
-            from_json_col(store, "builds", &build_id, "metadata", &metadata)?,
-        ))
-    })();
+    let cols: [String; 4] = [
+        r.try_get(10)?,
+        r.try_get(11)?,
+        r.try_get(19)?,
+        r.try_get(22)?,
+    ];
+    let parsed = build_json_cols(store, &build_id, cols.each_ref().map(String::as_str));
     let (tags, targets, counts, metadata) = match parsed {
         Ok(v) => v,
         Err(e) => return Ok(Err(e)),

@@ -19,9 +19,9 @@ use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
 
 use super::{
-    from_json_col, latest_per_row, prepare, row_values, time_text, ArtifactRow, BuildDetail,
-    BuildFilter, BuildRow, LogRow, Msg, Store, StoreError, Table, TableCounts, TaskRow, TestRow,
-    Val, WriteStats, FAILED_OUTCOMES, SCHEMA_VERSION, TABLES,
+    build_json_cols, from_json_col, latest_per_row, prepare, row_values, time_text, ArtifactRow,
+    BuildDetail, BuildFilter, BuildRow, LogRow, Msg, Store, StoreError, Table, TableCounts,
+    TaskRow, TestRow, Val, WriteStats, FAILED_OUTCOMES, SCHEMA_VERSION, TABLES,
 };
 use crate::model::Envelope;
 
@@ -232,18 +232,8 @@ const BUILD_SELECT: &str = "SELECT build_id, system, state, result, tree, platfo
 
 fn build_row(store: &str, r: &Row<'_>) -> rusqlite::Result<Result<BuildRow, StoreError>> {
     let build_id: String = r.get(0)?;
-    let tags: String = r.get(10)?;
-    let targets: String = r.get(11)?;
-    let counts: String = r.get(19)?;
-    let metadata: String = r.get(22)?;
-    let parsed = (|| {
-        Ok::<_, StoreError>((
-            from_json_col(store, "builds", &build_id, "tags", &tags)?,
-            from_json_col(store, "builds", &build_id, "targets", &targets)?,
-            from_json_col(store, "builds", &build_id, "counts", &counts)?,
-            from_json_col(store, "builds", &build_id, "metadata", &metadata)?,
-        ))
-    })();
+    let cols: [String; 4] = [r.get(10)?, r.get(11)?, r.get(19)?, r.get(22)?];
+    let parsed = build_json_cols(store, &build_id, cols.each_ref().map(String::as_str));
     let (tags, targets, counts, metadata) = match parsed {
         Ok(v) => v,
         Err(e) => return Ok(Err(e)),
