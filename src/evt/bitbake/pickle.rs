@@ -938,29 +938,10 @@ impl<'a> Machine<'a> {
 
     fn extend_list(&mut self, items: Vec<V>) -> R<()> {
         let t = self.top_node("APPEND")?;
-        let max = self.limits.max_container_len;
-        let reason = match &self.nodes[t].kind {
-            Kind::List(l) if l.len().saturating_add(items.len()) <= max => None,
-            Kind::List(_) => Some(PickleReason::Limit {
-                what: "container length",
-                limit: max as u64,
-            }),
-            other => Some(PickleReason::Malformed(format!(
-                "APPEND target is a {}, not a list",
-                other.name()
-            ))),
-        };
-        if let Some(reason) = reason {
-            return Err(self.fail(reason));
-        }
-        let child = items.iter().map(|v| self.depth_of(v)).max();
-        if let Kind::List(l) = &mut self.nodes[t].kind {
-            l.extend(items);
-        }
-        match child {
-            Some(d) => self.grow(t, d),
-            None => Ok(()),
-        }
+        self.extend_node(t, items, "APPEND", "list", |k| match k {
+            Kind::List(l) => Some(l),
+            _ => None,
+        })
     }
 
     fn set_items(&mut self, items: Vec<V>) -> R<()> {
@@ -1004,24 +985,40 @@ impl<'a> Machine<'a> {
         for v in &items {
             self.check_hashable(v, "set element")?;
         }
+        self.extend_node(t, items, "ADDITEMS", "set", |k| match k {
+            Kind::Set(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    /// Appends `items` to container node `t` (the vector `slot` finds in it), within the
+    /// container-length limit, and updates the nesting depth.
+    fn extend_node(
+        &mut self,
+        t: usize,
+        items: Vec<V>,
+        op: &str,
+        what: &str,
+        slot: fn(&mut Kind) -> Option<&mut Vec<V>>,
+    ) -> R<()> {
         let max = self.limits.max_container_len;
-        let reason = match &self.nodes[t].kind {
-            Kind::Set(s) if s.len().saturating_add(items.len()) <= max => None,
-            Kind::Set(_) => Some(PickleReason::Limit {
+        let reason = match slot(&mut self.nodes[t].kind) {
+            Some(v) if v.len().saturating_add(items.len()) <= max => None,
+            Some(_) => Some(PickleReason::Limit {
                 what: "container length",
                 limit: max as u64,
             }),
-            other => Some(PickleReason::Malformed(format!(
-                "ADDITEMS target is a {}, not a set",
-                other.name()
+            None => Some(PickleReason::Malformed(format!(
+                "{op} target is a {}, not a {what}",
+                self.nodes[t].kind.name()
             ))),
         };
         if let Some(reason) = reason {
             return Err(self.fail(reason));
         }
         let child = items.iter().map(|v| self.depth_of(v)).max();
-        if let Kind::Set(s) = &mut self.nodes[t].kind {
-            s.extend(items);
+        if let Some(v) = slot(&mut self.nodes[t].kind) {
+            v.extend(items);
         }
         match child {
             Some(d) => self.grow(t, d),
