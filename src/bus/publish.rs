@@ -256,6 +256,57 @@ impl<T: Clone> Publisher<T> {
         }
     }
 
+    /// Waits until at least one more message is settled and returns the tokens of all
+    /// messages confirmed by then, oldest first (empty when nothing is in flight).
+    ///
+    /// Cancel-safe between settlements: dropping the future while it waits loses
+    /// nothing, so a live source can `select!` on it beside its input.
+    pub async fn confirmed(&mut self) -> Result<Vec<T>, BusError> {
+        let mut done = Vec::new();
+        self.confirmed_now(&mut done);
+        if !done.is_empty() || self.inflight.is_empty() {
+            return Ok(done);
+        }
+        let settled = match self.inflight.front_mut().and_then(|f| f.confirm.as_mut()) {
+            // Awaited in place: cancelling here leaves the confirm where it was.
+            Some(c) => Some(c.await),
+            None => None,
+        };
+        match settled {
+            Some(Ok(Confirmation::Ack(_))) | Some(Ok(Confirmation::NotRequested)) => {
+                self.stats.confirmed += 1;
+                if let Some(f) = self.inflight.pop_front() {
+                    done.push(f.token);
+                }
+                self.confirmed_now(&mut done);
+                Ok(done)
+            }
+            Some(Ok(Confirmation::Nack(_))) => {
+                self.stats.nacks += 1;
+                self.forget_front_confirm();
+                self.recover("the broker nacked a message").await?;
+                Ok(done)
+            }
+            Some(Err(e)) => {
+                self.forget_front_confirm();
+                self.recover(&format!("confirm failed: {e}")).await?;
+                Ok(done)
+            }
+            None => {
+                self.recover("a confirm was lost").await?;
+                Ok(done)
+            }
+        }
+    }
+
+    /// A settled confirm is never polled again (if recovery is cancelled, the next
+    /// call sees no confirm and recovers again).
+    fn forget_front_confirm(&mut self) {
+        if let Some(f) = self.inflight.front_mut() {
+            f.confirm = None;
+        }
+    }
+
     /// Waits until every message sent is confirmed; returns their tokens in order.
     pub async fn flush(&mut self) -> Result<Vec<T>, BusError> {
         let mut done = Vec::new();

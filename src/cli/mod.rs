@@ -5,6 +5,7 @@ mod bench;
 mod bench_bitbake;
 mod bench_monitor;
 mod bench_pipeline;
+mod bes;
 mod bitbake_live;
 mod demo;
 mod dsi;
@@ -48,6 +49,8 @@ pub enum Command {
     Translate(translate::TranslateArgs),
     Publish(publish::PublishArgs),
     BitbakeLive(bitbake_live::BitbakeLiveArgs),
+    Bes(bes::BesArgs),
+    BesReplay(bes::BesReplayArgs),
     Setup(publish::SetupArgs),
     Dsi(dsi::DsiArgs),
     Monitor(monitor::MonitorArgs),
@@ -135,6 +138,8 @@ pub fn main() -> ExitCode {
         Command::Translate(a) => translate::run(&cli, a),
         Command::Publish(a) => publish::publish(&cli, a),
         Command::BitbakeLive(a) => bitbake_live::run(&cli, a),
+        Command::Bes(a) => bes::run(&cli, a),
+        Command::BesReplay(a) => bes::replay(&cli, a),
         Command::Setup(a) => publish::setup(&cli, a),
         Command::Dsi(a) => dsi::run(&cli, a),
         Command::Monitor(a) => monitor::run(&cli, a),

@@ -7,6 +7,7 @@
 //!
 //! Later: the Build Event Service (gRPC) source feeds the same translator.
 
+pub mod bes;
 pub mod codec;
 pub mod proto;
 pub mod translate;

@@ -168,6 +168,9 @@ pub struct BazelTranslator {
     stats: Stats,
     /// The transport's time for the current event (BES gives one), in ms.
     event_time_ms: Option<i64>,
+    /// Facts from outside the stream (BES lifecycle events), added to every build
+    /// message's metadata.
+    extra_metadata: BTreeMap<String, String>,
 }
 
 fn ms_of(ts: &Option<pbjson_types::Timestamp>) -> Option<i64> {
@@ -241,6 +244,7 @@ impl BazelTranslator {
             build: Build::default(),
             stats: Stats::default(),
             event_time_ms: None,
+            extra_metadata: BTreeMap::new(),
         }
     }
 
@@ -394,6 +398,9 @@ impl BazelTranslator {
             .collect();
         if let Some(c) = &b.command_name {
             metadata.insert("bazel.command".into(), c.clone());
+        }
+        for (k, v) in &self.extra_metadata {
+            metadata.insert(k.clone(), redactor.keyed(k, v));
         }
         let (ts, counts) = match state {
             BuildState::Started => (b.started_ms, Counts::default()),
@@ -974,5 +981,36 @@ impl BazelTranslator {
             put("used_heap_size_post_build", mm.used_heap_size_post_build);
             put("peak_post_gc_heap_size", mm.peak_post_gc_heap_size);
         }
+    }
+}
+
+/// Hooks for live sources (the BES backend), which know more than the stream says and
+/// must know when everything read so far has been handed out.
+impl BazelTranslator {
+    /// Adds a fact to the metadata of every build message not yet emitted.
+    pub fn set_metadata(&mut self, key: &str, value: &str) {
+        self.extra_metadata.insert(key.to_string(), value.to_string());
+    }
+
+    /// Whether messages derived from events already read are held back (the build's
+    /// context is not complete yet). A live source must not acknowledge events while
+    /// this is true: their messages exist only in memory.
+    pub fn holding(&self) -> bool {
+        !self.build.pending.is_empty()
+    }
+
+    /// Ends a build whose stream stopped without Bazel finishing it (a BES stream gone
+    /// silent): emits what is held and a `finished` message with result `aborted`,
+    /// `reason` as the failure and `buildbus.incomplete: true` in the metadata.
+    /// Does nothing when the build already ended or never started.
+    pub fn abandon(&mut self, reason: &str, out: &mut Emit<'_>) {
+        if self.build.done || self.build.id.is_none() {
+            return;
+        }
+        if self.build.finished.is_none() && self.build.finished_aborted.is_none() {
+            self.build.finished_aborted = Some(reason.to_string());
+            self.set_metadata("buildbus.incomplete", "true");
+        }
+        self.end_build(out);
     }
 }
