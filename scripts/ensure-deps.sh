@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ensure-deps.sh: make sure the external programs buildbus's tests, demo and
-# benchmarks need are installed: RabbitMQ (Debian's rabbitmq-server) and
-# PostgreSQL 15 (/usr/lib/postgresql/15/bin).
+# benchmarks need are installed: RabbitMQ (Debian's rabbitmq-server),
+# PostgreSQL 15 (/usr/lib/postgresql/15/bin) and Bazel 4.2.3 (Debian's
+# bazel-bootstrap, /usr/bin/bazel-4) for the live BES test.
 #
 # Idempotent and quiet when everything is already present. Runs as root,
 # non-interactively (no TTY). `apt-get update` runs once, and only when
@@ -103,6 +104,16 @@ if [ ! -x "$PG_BIN/initdb" ]; then
             echo manual | $SUDO tee /etc/postgresql/15/main/start.conf >/dev/null
         fi
     fi
+fi
+
+# Real Bazel for the BES backend's test (it builds tests/fixtures/bazel/workspace
+# offline). The package pulls a headless JDK and build-essential.
+if [ ! -x /usr/bin/bazel-4 ]; then
+    apt_install bazel-bootstrap
+fi
+if [ ! -x /usr/bin/bazel-4 ]; then
+    log "/usr/bin/bazel-4 still missing after installing bazel-bootstrap"
+    exit 1
 fi
 
 for bin in initdb pg_ctl pg_isready postgres psql; do

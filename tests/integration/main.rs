@@ -6,6 +6,7 @@
 mod harness;
 
 mod bazel;
+mod bes;
 mod bitbake;
 mod bitbake_live;
 mod bitbake_session;

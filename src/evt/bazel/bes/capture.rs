@@ -204,7 +204,9 @@ pub async fn send_stream(
     let resp = client
         .publish_build_tool_event_stream(with_headers(outbound, headers))
         .await
-        .map_err(|s| CaptureError::Rpc(format!("stream refused: {s}")))?;
+        .map_err(|s| {
+            CaptureError::Rpc(format!("stream refused: {:?}: {}", s.code(), s.message()))
+        })?;
     let mut acks = Vec::new();
     let mut inbound = resp.into_inner();
     while let Some(a) = inbound.next().await {
@@ -212,8 +214,10 @@ pub async fn send_stream(
             Ok(a) => acks.push(a.sequence_number),
             Err(s) => {
                 return Err(CaptureError::Rpc(format!(
-                    "stream failed after {} acks: {s}",
-                    acks.len()
+                    "stream failed after {} acks: {:?}: {}",
+                    acks.len(),
+                    s.code(),
+                    s.message()
                 )))
             }
         }
@@ -236,7 +240,13 @@ pub async fn replay(
                 client
                     .publish_lifecycle_event(with_headers(r, headers))
                     .await
-                    .map_err(|s| CaptureError::Rpc(format!("lifecycle call failed: {s}")))?;
+                    .map_err(|s| {
+                        CaptureError::Rpc(format!(
+                            "lifecycle call failed: {:?}: {}",
+                            s.code(),
+                            s.message()
+                        ))
+                    })?;
                 report.lifecycle_calls += 1;
             }
             Call::Stream(reqs) => {

@@ -1,0 +1,571 @@
+//! The Bazel Build Event Service backend against a real RabbitMQ: recorded captures
+//! replayed through a tonic client, out-of-order and repeated streams, acks that wait
+//! for the broker, a backend killed mid-stream, auth and TLS, silent streams, and a
+//! real Bazel (Debian's bazel-bootstrap) building the fixture workspace.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use buildbus::bus::publish::PublisherConfig;
+use buildbus::bus::topology::DSI_QUEUE;
+use buildbus::evt::bazel::bes::capture::{self, Call};
+use buildbus::evt::bazel::bes::proto::v1::publish_build_event_client::PublishBuildEventClient;
+use buildbus::evt::bazel::bes::proto::v1::PublishBuildToolEventStreamRequest;
+use buildbus::evt::bazel::bes::{self, Auth, BesConfig};
+use buildbus::evt::bazel::BazelTranslator;
+use buildbus::evt::{Context, Translator};
+use buildbus::infra::rabbitmq::RabbitNode;
+use buildbus::model::{Envelope, Payload, SourceMeta, DEFAULT_EXCHANGE_PREFIX};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+
+use crate::harness::*;
+
+fn ctx() -> Arc<Context> {
+    Arc::new(Context::builtin())
+}
+
+fn backend_cfg(url: &str, spool: &Path) -> BesConfig {
+    let mut c = BesConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(PublisherConfig::new(url, DEFAULT_EXCHANGE_PREFIX)),
+    );
+    c.spool = Some(spool.to_path_buf());
+    c
+}
+
+fn http(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+/// A message as compared across sources: id, routing key and payload, without the
+/// backend's own `bes.*` metadata.
+fn comparable(m: &Envelope) -> (String, String, String) {
+    let mut p = serde_json::to_value(&m.payload).unwrap();
+    if let Some(md) = p.get_mut("metadata").and_then(|v| v.as_object_mut()) {
+        md.retain(|k, _| !k.starts_with("bes."));
+    }
+    (
+        m.meta.message_id.clone(),
+        m.meta.routing_key.clone(),
+        p.to_string(),
+    )
+}
+
+fn envelopes(raw: &[(Vec<u8>, lapin::BasicProperties)]) -> Vec<Envelope> {
+    raw.iter()
+        .map(|(b, _)| serde_json::from_slice(b).expect("envelope"))
+        .collect()
+}
+
+/// Distinct messages by id (at-least-once delivery may repeat one).
+fn distinct(msgs: Vec<Envelope>) -> BTreeMap<String, Envelope> {
+    msgs.into_iter()
+        .map(|m| (m.meta.message_id.clone(), m))
+        .collect()
+}
+
+fn same_messages(got: &BTreeMap<String, Envelope>, want: &[Envelope]) {
+    let got: BTreeSet<_> = got.values().map(comparable).collect();
+    let want: BTreeSet<_> = want.iter().map(comparable).collect();
+    assert_eq!(got.len(), want.len(), "message count");
+    for w in &want {
+        assert!(got.contains(w), "missing or different: {}", w.2);
+    }
+}
+
+/// What the file translator makes of a capture's Bazel events.
+fn translate_events(calls: &[Call]) -> Vec<Envelope> {
+    let mut tr = BazelTranslator::new(ctx(), SourceMeta::default());
+    let mut out = Vec::new();
+    for ev in capture::bazel_events(calls) {
+        tr.event(ev, &mut |e| out.push(e));
+    }
+    tr.finish(&mut |e| out.push(e));
+    out
+}
+
+fn build_of(msgs: &BTreeMap<String, Envelope>, finished: bool) -> &buildbus::model::BuildPayload {
+    msgs.values()
+        .find_map(|m| match &m.payload {
+            Payload::Build(b) if (b.state == buildbus::model::BuildState::Finished) == finished => {
+                Some(b)
+            }
+            _ => None,
+        })
+        .expect("a build message")
+}
+
+/// The recorded 4.2.3 session, replayed: the same messages as the JSON file Bazel
+/// wrote for that invocation, plus the lifecycle facts in the build's metadata.
+#[test]
+fn a_recorded_session_gives_the_messages_of_its_json_file() {
+    let (url, _) = vhost("bes-capture");
+    let spool = tempdir();
+    rt().block_on(async {
+        let backend = bes::start(backend_cfg(&url, spool.path()), ctx())
+            .await
+            .unwrap();
+        let calls = capture::read_capture(&fixture("bazel/bes_capture.jsonl")).unwrap();
+        let r = capture::replay(&http(backend.addr), calls, &vec![])
+            .await
+            .unwrap();
+        assert_eq!((r.lifecycle_calls, r.streams, r.requests, r.acks), (4, 1, 30, 30));
+        let got = distinct(envelopes(&drain(&url, DSI_QUEUE).await));
+        same_messages(&got, &clean("bazel/bes_capture.bep.json"));
+        let started = build_of(&got, false);
+        assert_eq!(
+            started.metadata.get("bes.build_id").map(String::as_str),
+            Some("f18421dd-a764-4c7b-9232-110ec3deeb4c")
+        );
+        assert_eq!(
+            started.metadata.get("bes.project_id").map(String::as_str),
+            Some("fixture-project")
+        );
+        assert_eq!(started.metadata.get("bes.attempt").map(String::as_str), Some("1"));
+        assert!(started.metadata["bes.keywords"].contains("user_keyword=fixture"));
+        assert!(started.metadata.contains_key("bes.enqueued_at"));
+        let fin = build_of(&got, true);
+        assert_eq!(fin.result, Some(buildbus::model::BuildResult::Success));
+        assert!(got.values().all(|m| m.meta.source.format == "bes"));
+        backend.stop().await.unwrap();
+    });
+}
+
+/// The retry capture (a stream aborted after two acks, resent from 3), the test
+/// capture, the 2.1.0 capture, and the test capture again with its requests shuffled
+/// and repeated: each gives exactly the translation of its events.
+#[test]
+fn retried_shuffled_and_repeated_streams_give_each_message_once() {
+    let (url, _) = vhost("bes-shuffle");
+    let spool = tempdir();
+    rt().block_on(async {
+        let backend = bes::start(backend_cfg(&url, spool.path()), ctx())
+            .await
+            .unwrap();
+        for f in [
+            "bazel/bes_capture_retry.jsonl",
+            "bazel/bes_capture_test.jsonl",
+            "bazel/bazel-2.1.0/bes_capture.jsonl",
+        ] {
+            let calls = capture::read_capture(&fixture(f)).unwrap();
+            let want = translate_events(&calls);
+            let r = capture::replay(&http(backend.addr), calls, &vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(r.acks >= 30, "{f}: {r:?}");
+            let got = distinct(envelopes(&drain(&url, DSI_QUEUE).await));
+            same_messages(&got, &want);
+        }
+        // Wrong order and repeats in one stream: swap neighbours, send some twice.
+        let calls = capture::read_capture(&fixture("bazel/bes_capture_test.jsonl")).unwrap();
+        let want = translate_events(&calls);
+        // A fresh invocation id, so the backend treats it as a new build.
+        let mut reqs: Vec<PublishBuildToolEventStreamRequest> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Stream(r) => Some(r.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        for r in reqs.iter_mut() {
+            let sid = r
+                .ordered_build_event
+                .as_mut()
+                .and_then(|o| o.stream_id.as_mut())
+                .unwrap();
+            sid.invocation_id.push_str("-shuffled");
+        }
+        let n = reqs.len();
+        let mut shuffled = Vec::new();
+        let mut i = 0;
+        while i < n {
+            if i + 1 < n && i % 3 == 1 {
+                shuffled.push(reqs[i + 1].clone());
+                shuffled.push(reqs[i].clone());
+                i += 2;
+            } else {
+                shuffled.push(reqs[i].clone());
+                if i % 5 == 0 {
+                    shuffled.push(reqs[i].clone());
+                }
+                i += 1;
+            }
+        }
+        let mut client = capture::connect(&http(backend.addr)).await.unwrap();
+        let acks = capture::send_stream(&mut client, shuffled, &vec![])
+            .await
+            .unwrap();
+        let seqs: Vec<i64> = (1..=n as i64).collect();
+        assert_eq!(acks, seqs, "one ack per sequence number, in order");
+        let got = distinct(envelopes(&drain(&url, DSI_QUEUE).await));
+        // Same messages as the straight stream (the invocation id is not in them:
+        // the build id comes from the BEP `started` event).
+        same_messages(&got, &want);
+        let stats = backend.finished();
+        let _ = stats;
+        backend.stop().await.unwrap();
+    });
+}
+
+/// A stream whose requests are fed by hand: returns the request sender and a channel
+/// of acked sequence numbers (an `Err` string when the RPC fails; closed on OK).
+async fn open_stream(
+    addr: SocketAddr,
+) -> (
+    mpsc::Sender<PublishBuildToolEventStreamRequest>,
+    mpsc::UnboundedReceiver<Result<i64, String>>,
+) {
+    let (tx, rx) = mpsc::channel(4096);
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let mut client = PublishBuildEventClient::connect(http(addr)).await.unwrap();
+    tokio::spawn(async move {
+        let resp = client
+            .publish_build_tool_event_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        let mut inbound = match resp {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                let _ = ack_tx.send(Err(s.to_string()));
+                return;
+            }
+        };
+        while let Some(a) = inbound.next().await {
+            let item = a.map(|a| a.sequence_number).map_err(|s| s.to_string());
+            let _ = ack_tx.send(item);
+        }
+    });
+    (tx, ack_rx)
+}
+
+fn stream_requests(rel: &str) -> Vec<PublishBuildToolEventStreamRequest> {
+    capture::read_capture(&fixture(rel))
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Stream(r) => Some(r),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// Acks received within `wait`.
+async fn acks_within(
+    rx: &mut mpsc::UnboundedReceiver<Result<i64, String>>,
+    wait: Duration,
+) -> Vec<i64> {
+    let mut got = Vec::new();
+    let end = tokio::time::Instant::now() + wait;
+    while let Ok(Some(a)) = tokio::time::timeout_at(end, rx.recv()).await {
+        got.push(a.expect("ack"));
+    }
+    got
+}
+
+/// The broker stops mid-build: acks stop (nothing unconfirmed is acknowledged); it
+/// comes back: every event is acked, every message is there.
+#[test]
+fn acks_wait_while_the_broker_is_down() {
+    let mut node = RabbitNode::start(&infra_dir()).expect("own broker");
+    let url = node.amqp_url();
+    let spool = tempdir();
+    let rt = rt();
+    let reqs = stream_requests("bazel/bes_capture.jsonl");
+    let n = reqs.len() as i64;
+    let addr = rt.block_on(async {
+        let mut cfg = backend_cfg(&url, spool.path());
+        if let Some(p) = cfg.publisher.as_mut() {
+            p.window = 4;
+        }
+        let b = bes::start(cfg, ctx()).await.unwrap();
+        let addr = b.addr;
+        std::mem::forget(b);
+        addr
+    });
+    let (tx, mut acks) = rt.block_on(open_stream(addr));
+    // The first half while the broker is up: acks come.
+    let (first, rest) = reqs.split_at(15);
+    rt.block_on(async {
+        for r in first {
+            tx.send(r.clone()).await.unwrap();
+        }
+    });
+    let early = rt.block_on(acks_within(&mut acks, Duration::from_secs(3)));
+    assert!(!early.is_empty(), "acks while the broker is up");
+    assert_eq!(early, (1..=early.len() as i64).collect::<Vec<_>>());
+    node.stop().expect("stop broker");
+    rt.block_on(async {
+        for r in rest {
+            tx.send(r.clone()).await.unwrap();
+        }
+    });
+    drop(tx);
+    let during = rt.block_on(acks_within(&mut acks, Duration::from_secs(3)));
+    let acked_before = early.len() as i64 + during.len() as i64;
+    assert!(
+        acked_before < n,
+        "not everything acked while the broker is down ({acked_before} of {n})"
+    );
+    node.start_again().expect("start broker");
+    let after = rt.block_on(acks_within(&mut acks, Duration::from_secs(30)));
+    let all: Vec<i64> = early.into_iter().chain(during).chain(after).collect();
+    assert_eq!(all, (1..=n).collect::<Vec<_>>(), "every event acked once, in order");
+    let got = distinct(envelopes(&rt.block_on(drain(&url, DSI_QUEUE))));
+    same_messages(&got, &clean("bazel/bes_capture.bep.json"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_backend(port: u16, url: &str, spool: &Path, extra: &[&str]) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_buildbus"))
+        .args(["bes", "--listen", &format!("127.0.0.1:{port}"), "--url", url])
+        .arg("--spool")
+        .arg(spool)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("buildbus bes");
+    let up = wait_until(20, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    assert!(up, "backend listening on {port}");
+    child
+}
+
+/// The backend is killed after acking part of a stream and started again; Bazel's
+/// retry (a new stream from the first unacked number) is accepted, and the spool gives
+/// the new backend the build's context: the messages equal the JSON file's.
+#[test]
+fn a_restarted_backend_takes_the_retried_stream() {
+    let (url, _) = vhost("bes-restart");
+    let spool = tempdir();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let reqs = stream_requests("bazel/bes_capture.jsonl");
+    let n = reqs.len() as i64;
+    let rt = rt();
+    let mut first = spawn_backend(port, &url, spool.path(), &[]);
+    let (tx, mut acks) = rt.block_on(open_stream(addr));
+    rt.block_on(async {
+        for r in &reqs[..20] {
+            tx.send(r.clone()).await.unwrap();
+        }
+    });
+    let got = rt.block_on(acks_within(&mut acks, Duration::from_secs(5)));
+    assert!(got.len() >= 10, "acks before the kill: {got:?}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    drop(tx);
+    let resume = got.len() as i64 + 1;
+    let mut second = spawn_backend(port, &url, spool.path(), &[]);
+    let (tx, mut acks) = rt.block_on(open_stream(addr));
+    rt.block_on(async {
+        for r in &reqs[(resume - 1) as usize..] {
+            tx.send(r.clone()).await.unwrap();
+        }
+    });
+    drop(tx);
+    let after = rt.block_on(acks_within(&mut acks, Duration::from_secs(20)));
+    assert_eq!(after, (resume..=n).collect::<Vec<_>>());
+    let msgs = distinct(envelopes(&rt.block_on(drain(&url, DSI_QUEUE))));
+    same_messages(&msgs, &clean("bazel/bes_capture.bep.json"));
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
+
+/// A token or header is required when configured (`UNAUTHENTICATED` otherwise), and
+/// the backend speaks TLS with the given certificate.
+#[test]
+fn auth_and_tls() {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    let (url, _) = vhost("bes-auth");
+    let spool = tempdir();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_pem = ck.cert.pem();
+    let key_pem = ck.signing_key.serialize_pem();
+    rt().block_on(async {
+        let mut cfg = backend_cfg(&url, spool.path());
+        cfg.auth = Auth::Bearer("s3cret".into());
+        cfg.tls = Some((cert_pem.clone().into_bytes(), key_pem.into_bytes()));
+        let backend = bes::start(cfg, ctx()).await.unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&cert_pem))
+            .domain_name("localhost");
+        let channel = Channel::from_shared(format!("https://localhost:{}", backend.addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .expect("TLS connection");
+        let mut client = PublishBuildEventClient::new(channel);
+        let calls = capture::read_capture(&fixture("bazel/bes_capture.jsonl")).unwrap();
+        let Call::Lifecycle(first) = calls[0].clone() else {
+            panic!("capture starts with a lifecycle call")
+        };
+        let refused = client
+            .publish_lifecycle_event(first.clone())
+            .await
+            .expect_err("no token");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        let mut wrong = tonic::Request::new(first.clone());
+        wrong
+            .metadata_mut()
+            .insert("authorization", "Bearer nope".parse().unwrap());
+        let refused = client.publish_lifecycle_event(wrong).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        let reqs = stream_requests("bazel/bes_capture.jsonl");
+        let refused = capture::send_stream(&mut client, reqs.clone(), &vec![])
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("Unauthenticated"), "{refused}");
+        let headers = vec![("authorization".to_string(), "Bearer s3cret".to_string())];
+        let acks = capture::send_stream(&mut client, reqs, &headers)
+            .await
+            .expect("with the token");
+        assert_eq!(acks.len(), 30);
+        let got = distinct(envelopes(&drain(&url, DSI_QUEUE).await));
+        same_messages(&got, &clean("bazel/bes_capture.bep.json"));
+        // Plain text to a TLS backend does not get through.
+        assert!(capture::replay(&http(backend.addr), calls, &headers)
+            .await
+            .is_err());
+        backend.stop().await.unwrap();
+    });
+}
+
+/// A stream that goes silent before it finished: after the idle timeout the build is
+/// finished as incomplete (`aborted`, `buildbus.incomplete`).
+#[test]
+fn a_silent_stream_ends_the_build_as_incomplete() {
+    let (url, _) = vhost("bes-silent");
+    let spool = tempdir();
+    let rt = rt();
+    let reqs = stream_requests("bazel/bes_capture.jsonl");
+    let backend = rt.block_on(async {
+        let mut cfg = backend_cfg(&url, spool.path());
+        cfg.idle_timeout = Duration::from_secs(2);
+        bes::start(cfg, ctx()).await.unwrap()
+    });
+    let (tx, mut acks) = rt.block_on(open_stream(backend.addr));
+    rt.block_on(async {
+        for r in &reqs[..20] {
+            tx.send(r.clone()).await.unwrap();
+        }
+    });
+    let got = rt.block_on(acks_within(&mut acks, Duration::from_secs(6)));
+    assert!(!got.is_empty());
+    let msgs = distinct(envelopes(&rt.block_on(drain(&url, DSI_QUEUE))));
+    let fin = build_of(&msgs, true);
+    assert_eq!(fin.result, Some(buildbus::model::BuildResult::Aborted));
+    assert_eq!(
+        fin.metadata.get("buildbus.incomplete").map(String::as_str),
+        Some("true")
+    );
+    assert!(
+        fin.failure.as_deref().unwrap_or("").contains("went silent"),
+        "{:?}",
+        fin.failure
+    );
+    drop(tx);
+    rt.block_on(backend.stop()).unwrap();
+}
+
+/// Real Bazel 4.2.3 (Debian's bazel-bootstrap, installed by scripts/ensure-deps.sh)
+/// builds the fixture workspace offline with `--bes_backend` pointing at our backend
+/// and `--build_event_json_file` beside it: Bazel exits as the build deserves, and
+/// what was published equals the translation of the JSON file.
+#[test]
+fn real_bazel_streams_to_the_backend() {
+    let bazel = ["/usr/bin/bazel-4", "/usr/bin/bazel"]
+        .into_iter()
+        .find(|b| Path::new(b).exists())
+        .expect("bazel-bootstrap is installed (scripts/ensure-deps.sh)");
+    let (url, _) = vhost("bes-real-bazel");
+    let work = tempdir();
+    let ws = work.path().join("ws");
+    copy_tree(&fixture("bazel/workspace"), &ws);
+    let spool = work.path().join("spool");
+    let port = free_port();
+    let mut backend = spawn_backend(port, &url, &spool, &[]);
+    let run = |args: &[&str], json: &Path| {
+        Command::new(bazel)
+            .env_clear()
+            .env("HOME", work.path())
+            .env("PATH", "/usr/bin:/bin")
+            .env("LANG", "C.UTF-8")
+            .current_dir(&ws)
+            .arg(format!("--output_user_root={}", work.path().join("root").display()))
+            .args(args)
+            .arg(format!("--bes_backend=grpc://127.0.0.1:{port}"))
+            .arg(format!("--build_event_json_file={}", json.display()))
+            .arg("--bes_timeout=120s")
+            .output()
+            .expect("run bazel")
+    };
+    let ok_json = work.path().join("ok.json");
+    let ok = run(&["build", "//app/..."], &ok_json);
+    let fail_json = work.path().join("fail.json");
+    let fail = run(&["build", "-k", "//broken:fails"], &fail_json);
+    let _ = Command::new(bazel)
+        .env_clear()
+        .env("HOME", work.path())
+        .env("PATH", "/usr/bin:/bin")
+        .current_dir(&ws)
+        .arg(format!("--output_user_root={}", work.path().join("root").display()))
+        .arg("shutdown")
+        .output();
+    backend.kill().unwrap();
+    backend.wait().unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        fail.status.code(),
+        Some(1),
+        "a failing build exits 1, not 38/45: {}",
+        String::from_utf8_lossy(&fail.stderr)
+    );
+    let got = distinct(envelopes(&rt().block_on(drain(&url, DSI_QUEUE))));
+    let mut want = translate(&ok_json).0;
+    want.extend(translate(&fail_json).0);
+    same_messages(&got, &want);
+    let results: BTreeSet<String> = got
+        .values()
+        .filter_map(|m| match &m.payload {
+            Payload::Build(b) => b.result.map(|r| r.as_str().to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        results,
+        BTreeSet::from(["success".to_string(), "failure".to_string()])
+    );
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
