@@ -52,6 +52,8 @@ Examples:
   # Publish rate, DSI rows/s (1, 2, 4 workers; SQLite and PostgreSQL), latency
   cargo run --release -- bench pipeline
   cargo run --release -- bench pipeline --messages 20000 --workers 1,2 --no-postgres
+  # Events/s through the BES backend (private RabbitMQ), beside file translation
+  cargo run --release -- bench bes --events 200000 --streams 1,4
 
 Figures go in BENCHMARKS.md; tests never assert speed.";
 
@@ -73,6 +75,8 @@ pub enum BenchWhat {
     Bitbake(super::bench_bitbake::BitbakeBench),
     /// Client library: callbacks/s with a no-op callback, publish → callback latency.
     Monitor(super::bench_monitor::MonitorBench),
+    /// BES backend: events/s streamed to it (acked = confirmed), beside file translation.
+    Bes(super::bench_bes::BesBench),
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +123,7 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<ExitCode> {
         BenchWhat::Pipeline(p) => super::bench_pipeline::run(cli, p),
         BenchWhat::Bitbake(b) => super::bench_bitbake::run(cli, b),
         BenchWhat::Monitor(m) => super::bench_monitor::run(cli, m),
+        BenchWhat::Bes(b) => super::bench_bes::run(cli, b),
     }
 }
 

@@ -67,7 +67,12 @@ pub struct BesArgs {
     #[arg(long, requires = "tls_cert", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
     /// Require `authorization: Bearer TOKEN` on every call.
-    #[arg(long, env = "BUILDBUS_BES_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "BUILDBUS_BES_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub auth_token: Option<String>,
     /// Require a header with this value on every call, as NAME=VALUE
     /// (e.g. x-api-key=SECRET; Bazel: --bes_header=x-api-key=SECRET).

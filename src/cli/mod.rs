@@ -2,6 +2,7 @@
 //! subcommand. `anyhow` is used here and nowhere else in the library.
 
 mod bench;
+mod bench_bes;
 mod bench_bitbake;
 mod bench_monitor;
 mod bench_pipeline;

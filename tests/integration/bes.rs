@@ -114,7 +114,10 @@ fn a_recorded_session_gives_the_messages_of_its_json_file() {
         let r = capture::replay(&http(backend.addr), calls, &vec![])
             .await
             .unwrap();
-        assert_eq!((r.lifecycle_calls, r.streams, r.requests, r.acks), (4, 1, 30, 30));
+        assert_eq!(
+            (r.lifecycle_calls, r.streams, r.requests, r.acks),
+            (4, 1, 30, 30)
+        );
         let got = distinct(envelopes(&drain(&url, DSI_QUEUE).await));
         same_messages(&got, &clean("bazel/bes_capture.bep.json"));
         let started = build_of(&got, false);
@@ -126,7 +129,10 @@ fn a_recorded_session_gives_the_messages_of_its_json_file() {
             started.metadata.get("bes.project_id").map(String::as_str),
             Some("fixture-project")
         );
-        assert_eq!(started.metadata.get("bes.attempt").map(String::as_str), Some("1"));
+        assert_eq!(
+            started.metadata.get("bes.attempt").map(String::as_str),
+            Some("1")
+        );
         assert!(started.metadata["bes.keywords"].contains("user_keyword=fixture"));
         assert!(started.metadata.contains_key("bes.enqueued_at"));
         let fin = build_of(&got, true);
@@ -315,9 +321,17 @@ fn acks_wait_while_the_broker_is_down() {
     node.start_again().expect("start broker");
     let after = rt.block_on(acks_within(&mut acks, Duration::from_secs(30)));
     let all: Vec<i64> = early.into_iter().chain(during).chain(after).collect();
-    assert_eq!(all, (1..=n).collect::<Vec<_>>(), "every event acked once, in order");
-    let got = distinct(envelopes(&rt.block_on(drain(&url, DSI_QUEUE))));
-    same_messages(&got, &clean("bazel/bes_capture.bep.json"));
+    assert_eq!(
+        all,
+        (1..=n).collect::<Vec<_>>(),
+        "every event acked once, in order"
+    );
+    // Stored by the DSI: every message, none twice.
+    let want = clean("bazel/bes_capture.bep.json");
+    let store = format!("sqlite:{}", spool.path().join("bes.db").display());
+    let counts = crate::pipeline::expected_counts(&want);
+    crate::pipeline::run_dsi_until(&url, &store, 2, counts.messages);
+    assert_eq!(store_counts(&store), counts, "0 lost, 0 stored twice");
 }
 
 fn free_port() -> u16 {
@@ -330,7 +344,13 @@ fn free_port() -> u16 {
 
 fn spawn_backend(port: u16, url: &str, spool: &Path, extra: &[&str]) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_buildbus"))
-        .args(["bes", "--listen", &format!("127.0.0.1:{port}"), "--url", url])
+        .args([
+            "bes",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--url",
+            url,
+        ])
         .arg("--spool")
         .arg(spool)
         .args(extra)
@@ -338,7 +358,9 @@ fn spawn_backend(port: u16, url: &str, spool: &Path, extra: &[&str]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("buildbus bes");
-    let up = wait_until(20, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let up = wait_until(20, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     assert!(up, "backend listening on {port}");
     child
 }
@@ -415,11 +437,11 @@ fn auth_and_tls() {
             panic!("capture starts with a lifecycle call")
         };
         let refused = client
-            .publish_lifecycle_event(first.clone())
+            .publish_lifecycle_event(*first.clone())
             .await
             .expect_err("no token");
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
-        let mut wrong = tonic::Request::new(first.clone());
+        let mut wrong = tonic::Request::new(*first.clone());
         wrong
             .metadata_mut()
             .insert("authorization", "Bearer nope".parse().unwrap());
@@ -506,7 +528,10 @@ fn real_bazel_streams_to_the_backend() {
             .env("PATH", "/usr/bin:/bin")
             .env("LANG", "C.UTF-8")
             .current_dir(&ws)
-            .arg(format!("--output_user_root={}", work.path().join("root").display()))
+            .arg(format!(
+                "--output_user_root={}",
+                work.path().join("root").display()
+            ))
             .args(args)
             .arg(format!("--bes_backend=grpc://127.0.0.1:{port}"))
             .arg(format!("--build_event_json_file={}", json.display()))
@@ -523,7 +548,10 @@ fn real_bazel_streams_to_the_backend() {
         .env("HOME", work.path())
         .env("PATH", "/usr/bin:/bin")
         .current_dir(&ws)
-        .arg(format!("--output_user_root={}", work.path().join("root").display()))
+        .arg(format!(
+            "--output_user_root={}",
+            work.path().join("root").display()
+        ))
         .arg("shutdown")
         .output();
     backend.kill().unwrap();

@@ -38,7 +38,7 @@ fn translated(paths: &[std::path::PathBuf]) -> Vec<Envelope> {
 }
 
 /// Expected rows per table: distinct messages, builds and entities per kind.
-fn expected_counts(msgs: &[Envelope]) -> buildbus::dsi::store::TableCounts {
+pub fn expected_counts(msgs: &[Envelope]) -> buildbus::dsi::store::TableCounts {
     let distinct = |kind: &str| {
         msgs.iter()
             .filter(|m| m.meta.kind.as_str() == kind)
@@ -78,7 +78,7 @@ fn publish_cli(url: &str, files: &[std::path::PathBuf]) {
 }
 
 /// Runs an in-process pool until the store holds `want` messages (or 60 s).
-fn run_dsi_until(url: &str, store: &str, workers: usize, want: u64) -> Arc<DsiStats> {
+pub fn run_dsi_until(url: &str, store: &str, workers: usize, want: u64) -> Arc<DsiStats> {
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DsiStats::default());
     let cfg = DsiConfig {

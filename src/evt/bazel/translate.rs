@@ -989,7 +989,8 @@ impl BazelTranslator {
 impl BazelTranslator {
     /// Adds a fact to the metadata of every build message not yet emitted.
     pub fn set_metadata(&mut self, key: &str, value: &str) {
-        self.extra_metadata.insert(key.to_string(), value.to_string());
+        self.extra_metadata
+            .insert(key.to_string(), value.to_string());
     }
 
     /// Whether messages derived from events already read are held back (the build's

@@ -28,7 +28,7 @@ use crate::evt::bazel::proto::build_event_stream::BuildEvent as BepEvent;
 /// One call Bazel made.
 #[derive(Debug, Clone)]
 pub enum Call {
-    Lifecycle(PublishLifecycleEventRequest),
+    Lifecycle(Box<PublishLifecycleEventRequest>),
     /// One `PublishBuildToolEventStream` RPC: its requests in the order sent.
     Stream(Vec<PublishBuildToolEventStreamRequest>),
 }
@@ -99,7 +99,11 @@ pub fn parse_capture(text: &str, origin: &str) -> Result<Vec<Call>, CaptureError
             continue;
         }
         let mut v: Value = serde_json::from_str(line).map_err(|e| bad(n, e.to_string()))?;
-        let rpc = v.get("rpc").and_then(Value::as_str).unwrap_or_default().to_string();
+        let rpc = v
+            .get("rpc")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let Some(mut req) = v.get_mut("request").map(Value::take) else {
             continue;
         };
@@ -107,7 +111,7 @@ pub fn parse_capture(text: &str, origin: &str) -> Result<Vec<Call>, CaptureError
             "PublishLifecycleEvent" => {
                 let r: PublishLifecycleEventRequest =
                     serde_json::from_value(req).map_err(|e| bad(n, e.to_string()))?;
-                calls.push(Call::Lifecycle(r));
+                calls.push(Call::Lifecycle(Box::new(r)));
             }
             "PublishBuildToolEventStream" => {
                 if let Some(any) = req.pointer_mut("/orderedBuildEvent/event/bazelEvent") {
@@ -238,7 +242,7 @@ pub async fn replay(
         match c {
             Call::Lifecycle(r) => {
                 client
-                    .publish_lifecycle_event(with_headers(r, headers))
+                    .publish_lifecycle_event(with_headers(*r, headers))
                     .await
                     .map_err(|s| {
                         CaptureError::Rpc(format!(

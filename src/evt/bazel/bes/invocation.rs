@@ -61,7 +61,10 @@ pub enum Cmd {
         acks: mpsc::UnboundedSender<Result<PublishBuildToolEventStreamResponse, Status>>,
     },
     /// One request of a stream.
-    Event { stream: u64, ev: OrderedBuildEvent },
+    Event {
+        stream: u64,
+        ev: Box<OrderedBuildEvent>,
+    },
     /// The stream's client half-closed: end the RPC once everything is acked.
     HalfClose { stream: u64 },
     /// The stream broke (client gone, transport error).
@@ -78,6 +81,8 @@ pub enum Out {
     Broker(Box<Publisher<u64>>),
     /// JSON lines on stdout (`bes --print`): written is confirmed.
     Print,
+    /// The invocation is done and its broker connection closed.
+    Closed,
 }
 
 struct Attached {
@@ -146,7 +151,11 @@ impl Invocation {
         tx
     }
 
-    async fn start(id: String, first_seq: i64, shared: Arc<Shared>) -> Result<Invocation, BusError> {
+    async fn start(
+        id: String,
+        first_seq: i64,
+        shared: Arc<Shared>,
+    ) -> Result<Invocation, BusError> {
         let source = SourceMeta {
             system: "bazel".into(),
             format: "bes".into(),
@@ -242,6 +251,9 @@ impl Invocation {
         loop {
             let busy = self.unconfirmed() > 0;
             let done = self.done();
+            if done {
+                self.close_out().await;
+            }
             let wait = if done {
                 self.shared.linger
             } else if self.finished_seq.is_some() {
@@ -289,13 +301,21 @@ impl Invocation {
                 s.remove(&self.id);
             }
         }
-        if let Out::Broker(p) = self.out {
+        self.close_out().await;
+        tracing::debug!("invocation {}: task ends: {:?}", self.id, self.stats);
+        self.shared.record_stats(&self.id, self.stats.clone());
+    }
+
+    /// Closes the broker connection (everything is confirmed once done).
+    async fn close_out(&mut self) {
+        if !matches!(self.out, Out::Broker(_)) {
+            return;
+        }
+        if let Out::Broker(p) = std::mem::replace(&mut self.out, Out::Closed) {
             if let Err(e) = p.close().await {
                 tracing::warn!("invocation {}: closing the publisher: {e}", self.id);
             }
         }
-        tracing::debug!("invocation {}: task ends: {:?}", self.id, self.stats);
-        self.shared.record_stats(&self.id, self.stats.clone());
     }
 
     fn unconfirmed(&self) -> u64 {
@@ -342,7 +362,7 @@ impl Invocation {
                 } else {
                     // A stream that was replaced: its events still count.
                 }
-                self.accept(ev).await?;
+                self.accept(*ev).await?;
             }
             Cmd::HalfClose { stream } => {
                 if let Some(st) = self.stream.as_mut().filter(|s| s.no == stream) {
@@ -441,8 +461,7 @@ impl Invocation {
             _ => {}
         }
         if !self.translator.holding() {
-            self.marks
-                .push_back((seq, self.emitted + out.len() as u64));
+            self.marks.push_back((seq, self.emitted + out.len() as u64));
         }
     }
 
@@ -480,6 +499,14 @@ impl Invocation {
                     if let Some(t) = done.last() {
                         self.confirmed = t + 1;
                     }
+                }
+                Out::Closed => {
+                    tracing::warn!(
+                        "invocation {}: a message after the stream finished was dropped: {}",
+                        self.id,
+                        env.meta.routing_key
+                    );
+                    self.confirmed = self.emitted;
                 }
                 Out::Print => {
                     let mut w = std::io::stdout().lock();
@@ -606,7 +633,7 @@ fn is_finished_build(env: &Envelope) -> bool {
 async fn confirmed(out: &mut Out) -> Result<Vec<u64>, BusError> {
     match out {
         Out::Broker(p) => p.confirmed().await,
-        Out::Print => std::future::pending().await,
+        Out::Print | Out::Closed => std::future::pending().await,
     }
 }
 

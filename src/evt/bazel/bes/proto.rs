@@ -17,7 +17,10 @@
 )]
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/google.devtools.build.v1.rs"));
-    include!(concat!(env!("OUT_DIR"), "/google.devtools.build.v1.serde.rs"));
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/google.devtools.build.v1.serde.rs"
+    ));
 }
 
 /// The type URL of a Bazel event inside `BuildEvent.bazel_event`.

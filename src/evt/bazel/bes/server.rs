@@ -140,7 +140,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Shared {
     /// Lifecycle facts known for an invocation.
     pub fn facts_of(&self, invocation: &str) -> Vec<(String, String)> {
-        lock(&self.facts).get(invocation).cloned().unwrap_or_default()
+        lock(&self.facts)
+            .get(invocation)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// An invocation task ended: forget it (unless a newer task took its place).
@@ -314,7 +317,8 @@ struct Service {
     auth: Auth,
 }
 
-type AckStream = Pin<Box<dyn Stream<Item = Result<PublishBuildToolEventStreamResponse, Status>> + Send>>;
+type AckStream =
+    Pin<Box<dyn Stream<Item = Result<PublishBuildToolEventStreamResponse, Status>> + Send>>;
 
 fn result_name(r: i32) -> String {
     build_status::Result::try_from(r)
@@ -361,8 +365,12 @@ impl PublishBuildEvent for Service {
                 for (k, v) in inherited {
                     sh.add_fact(&sid.invocation_id, &k, v).await;
                 }
-                sh.add_fact(&sid.invocation_id, "bes.attempt", a.attempt_number.to_string())
-                    .await;
+                sh.add_fact(
+                    &sid.invocation_id,
+                    "bes.attempt",
+                    a.attempt_number.to_string(),
+                )
+                .await;
             }
             Some(BesEvent::InvocationAttemptFinished(f)) if !sid.invocation_id.is_empty() => {
                 let result = result_name(f.invocation_status.map(|s| s.result).unwrap_or(0));
@@ -464,7 +472,11 @@ impl PublishBuildEvent for Service {
                     task = Some(t);
                 }
                 let Some(t) = &task else { return };
-                if t.send(Cmd::Event { stream: no, ev }).await.is_err() {
+                let cmd = Cmd::Event {
+                    stream: no,
+                    ev: Box::new(ev),
+                };
+                if t.send(cmd).await.is_err() {
                     let _ = acks_tx.send(Err(Status::unavailable(
                         "the invocation's task ended; retry",
                     )));

@@ -217,7 +217,10 @@ mod tests {
     #[test]
     fn odd_invocation_ids_get_safe_file_names() {
         assert_eq!(file_name("257440bb-1be1"), "257440bb-1be1.spool");
-        assert_eq!(file_name("../etc/passwd"), "x2e2e2f6574632f706173737764.spool");
+        assert_eq!(
+            file_name("../etc/passwd"),
+            "x2e2e2f6574632f706173737764.spool"
+        );
         assert_eq!(file_name(""), "x.spool");
     }
 }
