@@ -487,11 +487,14 @@ impl Envelope {
         // Room for a typical message (about 1.1 KB) from the start, rather than growing
         // from nothing.
         let mut json = Vec::with_capacity(1536);
-        // Serializing plain structs of strings, numbers and maps with string keys cannot fail.
-        match serde_json::to_writer(&mut json, self) {
-            Ok(()) => json,
-            Err(_) => Vec::new(),
-        }
+        self.write_json(&mut json);
+        json
+    }
+
+    /// Appends the JSON of [`Envelope::to_json`] to `out`: the bytes `serde_json` writes
+    /// for this envelope, written by hand (see `model/json.rs`).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        super::json::envelope(out, self);
     }
 
     /// Parses an envelope from JSON, typing the payload by `_meta.kind`.
