@@ -35,8 +35,8 @@ use crate::evt::console;
 use crate::evt::fields::{repo_name, PulseFields, RuleSource};
 use crate::evt::{Context, Emit, Translator};
 use crate::model::{
-    time, ArtifactPayload, BuildPayload, BuildResult, BuildState, Builder, Common, Counts,
-    Envelope, LogPayload, Payload, SourceMeta, SstateResult, TaskOutcome, TaskPayload, TestPayload,
+    ids, time, ArtifactPayload, BuildPayload, BuildResult, BuildState, Builder, Common, Counts,
+    Envelope, Kind, LogPayload, Payload, SourceMeta, SstateResult, TaskOutcome, TaskPayload, TestPayload,
 };
 
 const SYSTEM: &str = "bazel";
@@ -67,7 +67,14 @@ fn ctx_of(id: &Id) -> Option<Ctx> {
 /// A message waiting for the build's Pulse fields.
 struct Draft {
     payload: Payload,
-    entity: Vec<String>,
+    entity: Entity,
+}
+
+/// The entity a draft describes: its id once the build id is known (almost always:
+/// only events before `started` come without), else the parts that name it.
+enum Entity {
+    Id(String),
+    Parts(Vec<String>),
 }
 
 #[derive(Default)]
@@ -194,8 +201,8 @@ fn nonempty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
-fn config_id(c: &Option<bep::build_event_id::ConfigurationId>) -> String {
-    c.as_ref().map(|c| c.id.clone()).unwrap_or_default()
+fn config_id(c: &Option<bep::build_event_id::ConfigurationId>) -> &str {
+    c.as_ref().map_or("", |c| c.id.as_str())
 }
 
 fn file_uri(f: &bep::File) -> Option<String> {
@@ -266,7 +273,15 @@ impl BazelTranslator {
         }
     }
 
-    fn draft(&mut self, payload: Payload, entity: Vec<String>, out: &mut Emit<'_>) {
+    /// The entity named by `parts` within the current build (see [`Entity`]).
+    fn entity(&self, kind: Kind, parts: &[&str]) -> Entity {
+        match &self.build.id {
+            Some(id) => Entity::Id(ids::entity_id(SYSTEM, id, kind.as_str(), parts)),
+            None => Entity::Parts(parts.iter().map(|p| p.to_string()).collect()),
+        }
+    }
+
+    fn draft(&mut self, payload: Payload, entity: Entity, out: &mut Emit<'_>) {
         let b = &mut self.build;
         match &payload {
             Payload::Task(t) => *b.counts.tasks.entry(t.outcome.as_str().into()).or_default() += 1,
@@ -293,10 +308,18 @@ impl BazelTranslator {
         for mut d in self.build.pending.drain(..) {
             let ts = d.payload.common_mut().timestamp.take();
             *d.payload.common_mut() = fields.common(id, SYSTEM, ts);
-            let parts: Vec<&str> = d.entity.iter().map(String::as_str).collect();
-            out(Envelope::with_shared_source(
+            // The build id is the one the entity id was made with: a new build id is
+            // only taken after everything of the previous build was released.
+            let entity_id = match d.entity {
+                Entity::Id(e) => e,
+                Entity::Parts(parts) => {
+                    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+                    ids::entity_id(SYSTEM, id, d.payload.kind().as_str(), &parts)
+                }
+            };
+            out(Envelope::with_entity_id(
                 d.payload,
-                &parts,
+                entity_id,
                 Arc::clone(&self.source),
                 &self.ctx.exchange_prefix,
             ));
@@ -337,11 +360,12 @@ impl BazelTranslator {
         ));
         // The started message goes first.
         let started = Payload::Build(self.build_payload(BuildState::Started));
+        let entity = self.entity(Kind::Build, &[]);
         self.build.pending.insert(
             0,
             Draft {
                 payload: started,
-                entity: vec![],
+                entity,
             },
         );
         self.release(out);
@@ -455,7 +479,8 @@ impl BazelTranslator {
         self.freeze(true, out);
         if self.build.finished.is_some() || self.build.finished_aborted.is_some() {
             let p = Payload::Build(self.build_payload(BuildState::Finished));
-            self.draft(p, vec![], out);
+            let entity = self.entity(Kind::Build, &[]);
+            self.draft(p, entity, out);
         }
         self.build.done = true;
     }
@@ -505,7 +530,7 @@ impl BazelTranslator {
         out: &mut Emit<'_>,
     ) {
         let cfg = config_id(&id.configuration);
-        self.note_config(&cfg, out);
+        self.note_config(cfg, out);
         let task = if id.aspect.is_empty() {
             "build".to_string()
         } else {
@@ -553,7 +578,7 @@ impl BazelTranslator {
                     } else {
                         format!("output:{group}")
                     };
-                    let entity = vec![id.label.clone(), cfg.clone(), path.clone()];
+                    let entity = self.entity(Kind::Artifact, &[&id.label, cfg, &path]);
                     let p = self.artifact_payload(f, path, kind, Some(&id.label), None);
                     artifacts.push((p, entity));
                 }
@@ -576,11 +601,8 @@ impl BazelTranslator {
             target_kind: self.build.target_kinds.get(&id.label).cloned(),
             failure,
         };
-        self.draft(
-            Payload::Task(p),
-            vec![id.label.clone(), cfg.clone(), task],
-            out,
-        );
+        let entity = self.entity(Kind::Task, &[&id.label, cfg, &task]);
+        self.draft(Payload::Task(p), entity, out);
         for (p, entity) in artifacts {
             self.draft(p, entity, out);
         }
@@ -618,7 +640,7 @@ impl BazelTranslator {
                 .and_then(|l| self.build.target_kinds.get(l).cloned()),
             failure: a.failure_detail.as_ref().and_then(|d| nonempty(&d.message)),
         };
-        let entity = vec![target, cfg, mnemonic, id.primary_output.clone()];
+        let entity = self.entity(Kind::Task, &[&target, cfg, &mnemonic, &id.primary_output]);
         self.draft(Payload::Task(p), entity, out);
     }
 
@@ -629,7 +651,7 @@ impl BazelTranslator {
         out: &mut Emit<'_>,
     ) {
         let cfg = config_id(&id.configuration);
-        self.note_config(&cfg, out);
+        self.note_config(cfg, out);
         let (run, shard, attempt) = (
             i64::from(id.run),
             i64::from(id.shard),
@@ -638,18 +660,12 @@ impl BazelTranslator {
         let e = self
             .build
             .attempts
-            .entry((id.label.clone(), cfg.clone()))
+            .entry((id.label.clone(), cfg.to_string()))
             .or_default();
         e.0 = e.0.max(attempt);
         e.1.insert(shard);
-        let base = vec![
-            id.label.clone(),
-            cfg.clone(),
-            "attempt".to_string(),
-            run.to_string(),
-            shard.to_string(),
-            attempt.to_string(),
-        ];
+        let numbers = [run.to_string(), shard.to_string(), attempt.to_string()];
+        let base = [&id.label, cfg, "attempt", &numbers[0], &numbers[1], &numbers[2]];
         let p = match payload {
             Some(P::TestResult(r)) => r,
             Some(P::Aborted(a)) => {
@@ -661,7 +677,8 @@ impl BazelTranslator {
                     run: Some(run),
                     ..p
                 };
-                self.draft(Payload::Test(p), base, out);
+                let entity = self.entity(Kind::Test, &base);
+                self.draft(Payload::Test(p), entity, out);
                 return;
             }
             _ => return,
@@ -681,15 +698,19 @@ impl BazelTranslator {
         if self.build.host.is_none() {
             self.build.host = info.and_then(|i| nonempty(&i.hostname));
         }
-        self.draft(Payload::Test(t), base.clone(), out);
+        let entity = self.entity(Kind::Test, &base);
+        self.draft(Payload::Test(t), entity, out);
         for f in &p.test_action_output {
             let kind = match f.name.as_str() {
                 "test.log" => "test_log",
                 "test.xml" => "test_xml",
                 _ => "test_output",
             };
-            let mut entity = base.clone();
-            entity.push(f.name.clone());
+            let [label, cfg, scope, run, shard, attempt] = base;
+            let entity = self.entity(
+                Kind::Artifact,
+                &[label, cfg, scope, run, shard, attempt, &f.name],
+            );
             let a =
                 self.artifact_payload(f, file_path(f), kind.to_string(), Some(&id.label), start);
             self.draft(a, entity, out);
@@ -727,8 +748,8 @@ impl BazelTranslator {
         out: &mut Emit<'_>,
     ) {
         let cfg = config_id(&id.configuration);
-        self.note_config(&cfg, out);
-        let entity = vec![id.label.clone(), cfg.clone(), "summary".to_string()];
+        self.note_config(cfg, out);
+        let entity = self.entity(Kind::Test, &[&id.label, cfg, "summary"]);
         let s = match payload {
             Some(P::TestSummary(s)) => s,
             Some(P::Aborted(_)) => {
@@ -738,7 +759,7 @@ impl BazelTranslator {
             }
             _ => return,
         };
-        let seen = self.build.attempts.get(&(id.label.clone(), cfg));
+        let seen = self.build.attempts.get(&(id.label.clone(), cfg.to_string()));
         let start = nonzero(s.first_start_time_millis).or(ms_of(&s.first_start_time));
         let mut t = self.test_payload(&id.label, "summary", test_status(s.overall_status), start);
         t.total_attempts = nonzero(i64::from(s.attempt_count)).or(seen.map(|a| a.0));
@@ -776,7 +797,10 @@ impl BazelTranslator {
                 target,
                 task: None,
             };
-            let entity = vec!["progress".to_string(), opaque.to_string(), i.to_string()];
+            let entity = self.entity(
+                Kind::Log,
+                &["progress", &opaque.to_string(), &i.to_string()],
+            );
             self.draft(Payload::Log(l), entity, out);
         }
     }
