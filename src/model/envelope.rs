@@ -402,7 +402,11 @@ impl Payload {
     fn key_tail(&self) -> ([Option<&str>; 3], usize) {
         match self {
             Payload::Build(p) => (
-                [Some(p.state.as_str()), p.result.map(BuildResult::as_str), None],
+                [
+                    Some(p.state.as_str()),
+                    p.result.map(BuildResult::as_str),
+                    None,
+                ],
                 2,
             ),
             Payload::Task(p) => (

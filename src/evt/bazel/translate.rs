@@ -36,7 +36,8 @@ use crate::evt::fields::{repo_name, PulseFields, RuleSource};
 use crate::evt::{Context, Emit, Translator};
 use crate::model::{
     ids, time, ArtifactPayload, BuildPayload, BuildResult, BuildState, Builder, Common, Counts,
-    Envelope, Kind, LogPayload, Payload, SourceMeta, SstateResult, TaskOutcome, TaskPayload, TestPayload,
+    Envelope, Kind, LogPayload, Payload, SourceMeta, SstateResult, TaskOutcome, TaskPayload,
+    TestPayload,
 };
 
 const SYSTEM: &str = "bazel";
@@ -282,48 +283,70 @@ impl BazelTranslator {
     }
 
     fn draft(&mut self, payload: Payload, entity: Entity, out: &mut Emit<'_>) {
+        /// Counts one more `key` (the key is copied only the first time it is seen).
+        fn count(map: &mut BTreeMap<String, u64>, key: &str) {
+            match map.get_mut(key) {
+                Some(n) => *n += 1,
+                None => {
+                    map.insert(key.to_string(), 1);
+                }
+            }
+        }
         let b = &mut self.build;
         match &payload {
-            Payload::Task(t) => *b.counts.tasks.entry(t.outcome.as_str().into()).or_default() += 1,
-            Payload::Test(t) if t.scope == "summary" => {
-                *b.counts.tests.entry(t.status.clone()).or_default() += 1
-            }
+            Payload::Task(t) => count(&mut b.counts.tasks, t.outcome.as_str()),
+            Payload::Test(t) if t.scope == "summary" => count(&mut b.counts.tests, &t.status),
             Payload::Log(l) => match l.level {
                 crate::model::LogLevel::Warning => b.counts.warnings += 1,
                 _ => b.counts.errors += 1,
             },
             _ => {}
         }
-        b.pending.push(Draft { payload, entity });
-        if b.fields.is_some() {
-            self.release(out);
+        let d = Draft { payload, entity };
+        if b.fields.is_some() && b.pending.is_empty() {
+            // The usual case once the context is known: straight out, not through
+            // `pending`.
+            self.send(d, out);
+        } else {
+            b.pending.push(d);
+            if b.fields.is_some() {
+                self.release(out);
+            }
         }
     }
 
     /// Sends every held message (the fields must be frozen).
     fn release(&mut self, out: &mut Emit<'_>) {
+        if self.build.fields.is_none() || self.build.id.is_none() {
+            return;
+        }
+        for d in std::mem::take(&mut self.build.pending) {
+            self.send(d, out);
+        }
+    }
+
+    /// Sends one draft with the frozen fields (nothing if they are not frozen).
+    fn send(&self, mut d: Draft, out: &mut Emit<'_>) {
         let (Some(fields), Some(id)) = (self.build.fields.as_ref(), self.build.id.as_ref()) else {
             return;
         };
-        for mut d in self.build.pending.drain(..) {
-            let ts = d.payload.common_mut().timestamp.take();
-            *d.payload.common_mut() = fields.common(id, SYSTEM, ts);
-            // The build id is the one the entity id was made with: a new build id is
-            // only taken after everything of the previous build was released.
-            let entity_id = match d.entity {
-                Entity::Id(e) => e,
-                Entity::Parts(parts) => {
-                    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-                    ids::entity_id(SYSTEM, id, d.payload.kind().as_str(), &parts)
-                }
-            };
-            out(Envelope::with_entity_id(
-                d.payload,
-                entity_id,
-                Arc::clone(&self.source),
-                &self.ctx.exchange_prefix,
-            ));
-        }
+        let ts = d.payload.common_mut().timestamp.take();
+        *d.payload.common_mut() = fields.common(id, SYSTEM, ts);
+        // The build id is the one the entity id was made with: a new build id is only
+        // taken after everything of the previous build was released.
+        let entity_id = match d.entity {
+            Entity::Id(e) => e,
+            Entity::Parts(parts) => {
+                let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+                ids::entity_id(SYSTEM, id, d.payload.kind().as_str(), &parts)
+            }
+        };
+        out(Envelope::with_entity_id(
+            d.payload,
+            entity_id,
+            Arc::clone(&self.source),
+            &self.ctx.exchange_prefix,
+        ));
     }
 
     fn context_complete(&self) -> bool {
@@ -665,7 +688,14 @@ impl BazelTranslator {
         e.0 = e.0.max(attempt);
         e.1.insert(shard);
         let numbers = [run.to_string(), shard.to_string(), attempt.to_string()];
-        let base = [&id.label, cfg, "attempt", &numbers[0], &numbers[1], &numbers[2]];
+        let base = [
+            &id.label,
+            cfg,
+            "attempt",
+            &numbers[0],
+            &numbers[1],
+            &numbers[2],
+        ];
         let p = match payload {
             Some(P::TestResult(r)) => r,
             Some(P::Aborted(a)) => {
@@ -759,7 +789,10 @@ impl BazelTranslator {
             }
             _ => return,
         };
-        let seen = self.build.attempts.get(&(id.label.clone(), cfg.to_string()));
+        let seen = self
+            .build
+            .attempts
+            .get(&(id.label.clone(), cfg.to_string()));
         let start = nonzero(s.first_start_time_millis).or(ms_of(&s.first_start_time));
         let mut t = self.test_payload(&id.label, "summary", test_status(s.overall_status), start);
         t.total_attempts = nonzero(i64::from(s.attempt_count)).or(seen.map(|a| a.0));
