@@ -587,6 +587,8 @@ fn decode_only(path: &Path, format: Format, ctx: &Context) -> anyhow::Result<Pas
                 let ev = decode(&f.bytes)
                     .map_err(|r| anyhow!("{}: {r}", framer.position(f.start, f.index)))?;
                 black_box(ev);
+                // As `evt::stream::pump` does.
+                framer.recycle(f.bytes);
                 events += 1;
                 bytes = f.end;
             }

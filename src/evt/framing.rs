@@ -197,6 +197,19 @@ impl<R: BufRead> Framer<R> {
         }
     }
 
+    /// Gives back a frame's buffer once its bytes are used, for the next frame to be
+    /// read into: one allocation per stream instead of one per event. A buffer grown
+    /// past [`RESERVE_AHEAD`] by a large event is not kept.
+    pub fn recycle(&mut self, mut bytes: Vec<u8>) {
+        if self.buf.is_empty() && bytes.capacity() > self.buf.capacity() {
+            if bytes.capacity() > RESERVE_AHEAD {
+                return;
+            }
+            bytes.clear();
+            self.buf = bytes;
+        }
+    }
+
     /// The next frame, skipped frame, end of data or failure.
     pub fn next_frame(&mut self) -> Next {
         match self.framing {
@@ -403,7 +416,12 @@ mod tests {
         let (mut ok, mut bad) = (vec![], vec![]);
         loop {
             match f.next_frame() {
-                Next::Frame(fr) => ok.push(fr),
+                Next::Frame(fr) => {
+                    // The buffer goes back, as `pump` gives it: later frames must not
+                    // see its old bytes.
+                    ok.push(fr.clone());
+                    f.recycle(fr.bytes);
+                }
                 Next::Skipped(e) => bad.push(e),
                 Next::End { partial } => return (ok, bad, partial),
                 Next::Failed(e) => {
@@ -493,7 +511,10 @@ mod tests {
             let mut got = Vec::new();
             loop {
                 match f.next_frame() {
-                    Next::Frame(fr) => got.push((fr.start, fr.end, fr.bytes)),
+                    Next::Frame(fr) => {
+                        got.push((fr.start, fr.end, fr.bytes.clone()));
+                        f.recycle(fr.bytes);
+                    }
                     Next::End { partial: None } => break,
                     other => panic!("read size {cap}: {other:?}"),
                 }

@@ -179,6 +179,7 @@ pub fn pump<R: BufRead, T: Translator>(
                         .errors
                         .push(InputError::new(framer.position(f.start, f.index), reason)),
                 }
+                framer.recycle(f.bytes);
             }
             Next::Skipped(e) => report.errors.push(e),
             Next::End { partial } => return partial,

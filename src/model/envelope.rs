@@ -397,36 +397,48 @@ impl Payload {
         }
     }
 
-    /// Appends the kind-specific words that follow the five common ones.
-    fn key_tail<'a>(&'a self, words: &mut Vec<Option<&'a str>>) {
+    /// The kind-specific words that follow the five common ones (at most three), and
+    /// how many there are.
+    fn key_tail(&self) -> ([Option<&str>; 3], usize) {
         match self {
-            Payload::Build(p) => {
-                words.extend([Some(p.state.as_str()), p.result.map(BuildResult::as_str)])
-            }
-            Payload::Task(p) => words.extend([
-                Some(p.outcome.as_str()),
-                Some(p.target.as_str()),
-                Some(p.task.as_str()),
-            ]),
-            Payload::Test(p) => words.extend([Some(p.status.as_str()), Some(p.test.as_str())]),
-            Payload::Artifact(p) => words.push(Some(p.kind.as_str())),
-            Payload::Log(p) => words.push(Some(p.level.as_str())),
+            Payload::Build(p) => (
+                [
+                    Some(p.state.as_str()),
+                    p.result.map(BuildResult::as_str),
+                    None,
+                ],
+                2,
+            ),
+            Payload::Task(p) => (
+                [
+                    Some(p.outcome.as_str()),
+                    Some(p.target.as_str()),
+                    Some(p.task.as_str()),
+                ],
+                3,
+            ),
+            Payload::Test(p) => ([Some(p.status.as_str()), Some(p.test.as_str()), None], 2),
+            Payload::Artifact(p) => ([Some(p.kind.as_str()), None, None], 1),
+            Payload::Log(p) => ([Some(p.level.as_str()), None, None], 1),
         }
     }
 
     /// The routing key of this payload (see [`routing`]).
     pub fn routing_key(&self) -> String {
         let c = self.common();
-        let mut words = Vec::with_capacity(8);
-        words.extend([
+        let (tail, n) = self.key_tail();
+        let [t0, t1, t2] = tail;
+        let words = [
             c.tree.as_deref(),
             c.platform.as_deref(),
             c.buildtype.as_deref(),
             c.product.as_deref(),
             Some(c.system.as_str()),
-        ]);
-        self.key_tail(&mut words);
-        routing::key(&words)
+            t0,
+            t1,
+            t2,
+        ];
+        routing::key(&words[..5 + n])
     }
 }
 
@@ -457,9 +469,25 @@ impl Envelope {
         source: Arc<SourceMeta>,
         exchange_prefix: &str,
     ) -> Envelope {
-        let kind = payload.kind();
         let c = payload.common();
-        let entity_id = ids::entity_id(&c.system, &c.build_id, kind.as_str(), entity_parts);
+        let entity_id = ids::entity_id(
+            &c.system,
+            &c.build_id,
+            payload.kind().as_str(),
+            entity_parts,
+        );
+        Envelope::with_entity_id(payload, entity_id, source, exchange_prefix)
+    }
+
+    /// [`Envelope::with_shared_source`] with the entity id already worked out (from the
+    /// payload's `system` and `build_id`, its kind and the entity's parts).
+    pub fn with_entity_id(
+        payload: Payload,
+        entity_id: String,
+        source: Arc<SourceMeta>,
+        exchange_prefix: &str,
+    ) -> Envelope {
+        let kind = payload.kind();
         let state = payload.state();
         Envelope {
             meta: Meta {
@@ -487,11 +515,14 @@ impl Envelope {
         // Room for a typical message (about 1.1 KB) from the start, rather than growing
         // from nothing.
         let mut json = Vec::with_capacity(1536);
-        // Serializing plain structs of strings, numbers and maps with string keys cannot fail.
-        match serde_json::to_writer(&mut json, self) {
-            Ok(()) => json,
-            Err(_) => Vec::new(),
-        }
+        self.write_json(&mut json);
+        json
+    }
+
+    /// Appends the JSON of [`Envelope::to_json`] to `out`: the bytes `serde_json` writes
+    /// for this envelope, written by hand (see `model/json.rs`).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        super::json::envelope(out, self);
     }
 
     /// Parses an envelope from JSON, typing the payload by `_meta.kind`.

@@ -17,6 +17,7 @@
 
 pub mod envelope;
 pub mod ids;
+mod json;
 pub mod routing;
 pub mod time;
 

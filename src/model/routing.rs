@@ -33,6 +33,17 @@ fn needs_escape(c: char) -> bool {
     matches!(c, '.' | '*' | '#' | '%' | '~') || c.is_whitespace() || c.is_control()
 }
 
+/// Whether any char of `v` needs an escape; ASCII text is judged byte by byte (in
+/// ASCII, white space and control characters are the bytes up to the space, and DEL).
+fn any_needs_escape(v: &str) -> bool {
+    if v.is_ascii() {
+        v.bytes()
+            .any(|b| b <= b' ' || b == 0x7f || matches!(b, b'.' | b'*' | b'#' | b'%' | b'~'))
+    } else {
+        v.contains(needs_escape)
+    }
+}
+
 /// Escapes one value into one routing-key word; `None` becomes `_`.
 pub fn escape_word(value: Option<&str>) -> String {
     let mut word = String::new();
@@ -56,7 +67,7 @@ fn push_escaped(out: &mut String, value: Option<&str>) {
         return;
     }
     // Most values (labels, platform names, states) need no escape at all.
-    if !v.contains(needs_escape) {
+    if !any_needs_escape(v) {
         out.push_str(v);
         return;
     }
@@ -194,6 +205,14 @@ mod tests {
         }
         assert_eq!(escape_word(None), "_");
         assert_eq!(unescape_word("_").unwrap(), None);
+    }
+
+    #[test]
+    fn the_ascii_check_agrees_with_the_char_check() {
+        for b in 0u8..0x80 {
+            let s = char::from(b).to_string();
+            assert_eq!(any_needs_escape(&s), s.contains(needs_escape), "{b:#x}");
+        }
     }
 
     #[test]

@@ -106,6 +106,14 @@ fn messages() -> &'static [Message] {
             let mut index = 0;
             translate_file(&path, None, &ctx, &mut |env| {
                 let bytes = env.to_json();
+                // The hand-written JSON is serde's, byte for byte.
+                let serde_bytes = serde_json::to_vec(&env).unwrap();
+                assert!(
+                    bytes == serde_bytes,
+                    "{file} message {index}: to_json differs from serde_json:\n{}\n{}",
+                    String::from_utf8_lossy(&bytes),
+                    String::from_utf8_lossy(&serde_bytes)
+                );
                 let json: Value = serde_json::from_slice(&bytes)
                     .unwrap_or_else(|e| panic!("{file} message {index}: not JSON: {e}"));
                 all.push(Message {

@@ -35,8 +35,9 @@ use crate::evt::console;
 use crate::evt::fields::{repo_name, PulseFields, RuleSource};
 use crate::evt::{Context, Emit, Translator};
 use crate::model::{
-    time, ArtifactPayload, BuildPayload, BuildResult, BuildState, Builder, Common, Counts,
-    Envelope, LogPayload, Payload, SourceMeta, SstateResult, TaskOutcome, TaskPayload, TestPayload,
+    ids, time, ArtifactPayload, BuildPayload, BuildResult, BuildState, Builder, Common, Counts,
+    Envelope, Kind, LogPayload, Payload, SourceMeta, SstateResult, TaskOutcome, TaskPayload,
+    TestPayload,
 };
 
 const SYSTEM: &str = "bazel";
@@ -67,7 +68,14 @@ fn ctx_of(id: &Id) -> Option<Ctx> {
 /// A message waiting for the build's Pulse fields.
 struct Draft {
     payload: Payload,
-    entity: Vec<String>,
+    entity: Entity,
+}
+
+/// The entity a draft describes: its id once the build id is known (almost always:
+/// only events before `started` come without), else the parts that name it.
+enum Entity {
+    Id(String),
+    Parts(Vec<String>),
 }
 
 #[derive(Default)]
@@ -197,8 +205,8 @@ fn nonempty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
-fn config_id(c: &Option<bep::build_event_id::ConfigurationId>) -> String {
-    c.as_ref().map(|c| c.id.clone()).unwrap_or_default()
+fn config_id(c: &Option<bep::build_event_id::ConfigurationId>) -> &str {
+    c.as_ref().map_or("", |c| c.id.as_str())
 }
 
 fn file_uri(f: &bep::File) -> Option<String> {
@@ -270,41 +278,79 @@ impl BazelTranslator {
         }
     }
 
-    fn draft(&mut self, payload: Payload, entity: Vec<String>, out: &mut Emit<'_>) {
+    /// The entity named by `parts` within the current build (see [`Entity`]).
+    fn entity(&self, kind: Kind, parts: &[&str]) -> Entity {
+        match &self.build.id {
+            Some(id) => Entity::Id(ids::entity_id(SYSTEM, id, kind.as_str(), parts)),
+            None => Entity::Parts(parts.iter().map(|p| p.to_string()).collect()),
+        }
+    }
+
+    fn draft(&mut self, payload: Payload, entity: Entity, out: &mut Emit<'_>) {
+        /// Counts one more `key` (the key is copied only the first time it is seen).
+        fn count(map: &mut BTreeMap<String, u64>, key: &str) {
+            match map.get_mut(key) {
+                Some(n) => *n += 1,
+                None => {
+                    map.insert(key.to_string(), 1);
+                }
+            }
+        }
         let b = &mut self.build;
         match &payload {
-            Payload::Task(t) => *b.counts.tasks.entry(t.outcome.as_str().into()).or_default() += 1,
-            Payload::Test(t) if t.scope == "summary" => {
-                *b.counts.tests.entry(t.status.clone()).or_default() += 1
-            }
+            Payload::Task(t) => count(&mut b.counts.tasks, t.outcome.as_str()),
+            Payload::Test(t) if t.scope == "summary" => count(&mut b.counts.tests, &t.status),
             Payload::Log(l) => match l.level {
                 crate::model::LogLevel::Warning => b.counts.warnings += 1,
                 _ => b.counts.errors += 1,
             },
             _ => {}
         }
-        b.pending.push(Draft { payload, entity });
-        if b.fields.is_some() {
-            self.release(out);
+        let d = Draft { payload, entity };
+        if b.fields.is_some() && b.pending.is_empty() {
+            // The usual case once the context is known: straight out, not through
+            // `pending`.
+            self.send(d, out);
+        } else {
+            b.pending.push(d);
+            if b.fields.is_some() {
+                self.release(out);
+            }
         }
     }
 
     /// Sends every held message (the fields must be frozen).
     fn release(&mut self, out: &mut Emit<'_>) {
+        if self.build.fields.is_none() || self.build.id.is_none() {
+            return;
+        }
+        for d in std::mem::take(&mut self.build.pending) {
+            self.send(d, out);
+        }
+    }
+
+    /// Sends one draft with the frozen fields (nothing if they are not frozen).
+    fn send(&self, mut d: Draft, out: &mut Emit<'_>) {
         let (Some(fields), Some(id)) = (self.build.fields.as_ref(), self.build.id.as_ref()) else {
             return;
         };
-        for mut d in self.build.pending.drain(..) {
-            let ts = d.payload.common_mut().timestamp.take();
-            *d.payload.common_mut() = fields.common(id, SYSTEM, ts);
-            let parts: Vec<&str> = d.entity.iter().map(String::as_str).collect();
-            out(Envelope::with_shared_source(
-                d.payload,
-                &parts,
-                Arc::clone(&self.source),
-                &self.ctx.exchange_prefix,
-            ));
-        }
+        let ts = d.payload.common_mut().timestamp.take();
+        *d.payload.common_mut() = fields.common(id, SYSTEM, ts);
+        // The build id is the one the entity id was made with: a new build id is only
+        // taken after everything of the previous build was released.
+        let entity_id = match d.entity {
+            Entity::Id(e) => e,
+            Entity::Parts(parts) => {
+                let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+                ids::entity_id(SYSTEM, id, d.payload.kind().as_str(), &parts)
+            }
+        };
+        out(Envelope::with_entity_id(
+            d.payload,
+            entity_id,
+            Arc::clone(&self.source),
+            &self.ctx.exchange_prefix,
+        ));
     }
 
     fn context_complete(&self) -> bool {
@@ -341,11 +387,12 @@ impl BazelTranslator {
         ));
         // The started message goes first.
         let started = Payload::Build(self.build_payload(BuildState::Started));
+        let entity = self.entity(Kind::Build, &[]);
         self.build.pending.insert(
             0,
             Draft {
                 payload: started,
-                entity: vec![],
+                entity,
             },
         );
         self.release(out);
@@ -462,7 +509,8 @@ impl BazelTranslator {
         self.freeze(true, out);
         if self.build.finished.is_some() || self.build.finished_aborted.is_some() {
             let p = Payload::Build(self.build_payload(BuildState::Finished));
-            self.draft(p, vec![], out);
+            let entity = self.entity(Kind::Build, &[]);
+            self.draft(p, entity, out);
         }
         self.build.done = true;
     }
@@ -512,7 +560,7 @@ impl BazelTranslator {
         out: &mut Emit<'_>,
     ) {
         let cfg = config_id(&id.configuration);
-        self.note_config(&cfg, out);
+        self.note_config(cfg, out);
         let task = if id.aspect.is_empty() {
             "build".to_string()
         } else {
@@ -560,7 +608,7 @@ impl BazelTranslator {
                     } else {
                         format!("output:{group}")
                     };
-                    let entity = vec![id.label.clone(), cfg.clone(), path.clone()];
+                    let entity = self.entity(Kind::Artifact, &[&id.label, cfg, &path]);
                     let p = self.artifact_payload(f, path, kind, Some(&id.label), None);
                     artifacts.push((p, entity));
                 }
@@ -583,11 +631,8 @@ impl BazelTranslator {
             target_kind: self.build.target_kinds.get(&id.label).cloned(),
             failure,
         };
-        self.draft(
-            Payload::Task(p),
-            vec![id.label.clone(), cfg.clone(), task],
-            out,
-        );
+        let entity = self.entity(Kind::Task, &[&id.label, cfg, &task]);
+        self.draft(Payload::Task(p), entity, out);
         for (p, entity) in artifacts {
             self.draft(p, entity, out);
         }
@@ -625,7 +670,7 @@ impl BazelTranslator {
                 .and_then(|l| self.build.target_kinds.get(l).cloned()),
             failure: a.failure_detail.as_ref().and_then(|d| nonempty(&d.message)),
         };
-        let entity = vec![target, cfg, mnemonic, id.primary_output.clone()];
+        let entity = self.entity(Kind::Task, &[&target, cfg, &mnemonic, &id.primary_output]);
         self.draft(Payload::Task(p), entity, out);
     }
 
@@ -636,7 +681,7 @@ impl BazelTranslator {
         out: &mut Emit<'_>,
     ) {
         let cfg = config_id(&id.configuration);
-        self.note_config(&cfg, out);
+        self.note_config(cfg, out);
         let (run, shard, attempt) = (
             i64::from(id.run),
             i64::from(id.shard),
@@ -645,17 +690,18 @@ impl BazelTranslator {
         let e = self
             .build
             .attempts
-            .entry((id.label.clone(), cfg.clone()))
+            .entry((id.label.clone(), cfg.to_string()))
             .or_default();
         e.0 = e.0.max(attempt);
         e.1.insert(shard);
-        let base = vec![
-            id.label.clone(),
-            cfg.clone(),
-            "attempt".to_string(),
-            run.to_string(),
-            shard.to_string(),
-            attempt.to_string(),
+        let numbers = [run.to_string(), shard.to_string(), attempt.to_string()];
+        let base = [
+            &id.label,
+            cfg,
+            "attempt",
+            &numbers[0],
+            &numbers[1],
+            &numbers[2],
         ];
         let p = match payload {
             Some(P::TestResult(r)) => r,
@@ -668,7 +714,8 @@ impl BazelTranslator {
                     run: Some(run),
                     ..p
                 };
-                self.draft(Payload::Test(p), base, out);
+                let entity = self.entity(Kind::Test, &base);
+                self.draft(Payload::Test(p), entity, out);
                 return;
             }
             _ => return,
@@ -688,15 +735,19 @@ impl BazelTranslator {
         if self.build.host.is_none() {
             self.build.host = info.and_then(|i| nonempty(&i.hostname));
         }
-        self.draft(Payload::Test(t), base.clone(), out);
+        let entity = self.entity(Kind::Test, &base);
+        self.draft(Payload::Test(t), entity, out);
         for f in &p.test_action_output {
             let kind = match f.name.as_str() {
                 "test.log" => "test_log",
                 "test.xml" => "test_xml",
                 _ => "test_output",
             };
-            let mut entity = base.clone();
-            entity.push(f.name.clone());
+            let [label, cfg, scope, run, shard, attempt] = base;
+            let entity = self.entity(
+                Kind::Artifact,
+                &[label, cfg, scope, run, shard, attempt, &f.name],
+            );
             let a =
                 self.artifact_payload(f, file_path(f), kind.to_string(), Some(&id.label), start);
             self.draft(a, entity, out);
@@ -734,8 +785,8 @@ impl BazelTranslator {
         out: &mut Emit<'_>,
     ) {
         let cfg = config_id(&id.configuration);
-        self.note_config(&cfg, out);
-        let entity = vec![id.label.clone(), cfg.clone(), "summary".to_string()];
+        self.note_config(cfg, out);
+        let entity = self.entity(Kind::Test, &[&id.label, cfg, "summary"]);
         let s = match payload {
             Some(P::TestSummary(s)) => s,
             Some(P::Aborted(_)) => {
@@ -745,7 +796,10 @@ impl BazelTranslator {
             }
             _ => return,
         };
-        let seen = self.build.attempts.get(&(id.label.clone(), cfg));
+        let seen = self
+            .build
+            .attempts
+            .get(&(id.label.clone(), cfg.to_string()));
         let start = nonzero(s.first_start_time_millis).or(ms_of(&s.first_start_time));
         let mut t = self.test_payload(&id.label, "summary", test_status(s.overall_status), start);
         t.total_attempts = nonzero(i64::from(s.attempt_count)).or(seen.map(|a| a.0));
@@ -783,7 +837,10 @@ impl BazelTranslator {
                 target,
                 task: None,
             };
-            let entity = vec!["progress".to_string(), opaque.to_string(), i.to_string()];
+            let entity = self.entity(
+                Kind::Log,
+                &["progress", &opaque.to_string(), &i.to_string()],
+            );
             self.draft(Payload::Log(l), entity, out);
         }
     }
