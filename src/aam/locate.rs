@@ -109,6 +109,13 @@ fn conventional_deploy(dir: &Path) -> Option<PathBuf> {
     (dir.file_name().is_some_and(|n| n == "deploy") && dir.is_dir()).then(|| dir.to_path_buf())
 }
 
+/// Whether `dir` holds what a deploy directory holds.
+fn looks_like_deploy(dir: &Path) -> bool {
+    ["images", "rpm", "ipk", "deb", "sdk", "licenses"]
+        .iter()
+        .any(|d| dir.join(d).is_dir())
+}
+
 /// The deploy directory the variables name, found in (or under) `dir`.
 fn deploy_from_vars(dir: &Path, vars: &BTreeMap<String, String>) -> Option<(PathBuf, String)> {
     let var = |k: &str| {
@@ -142,7 +149,9 @@ fn deploy_from_vars(dir: &Path, vars: &BTreeMap<String, String>) -> Option<(Path
             continue;
         };
         let cand = dir.join(rel);
-        if cand.is_dir() {
+        // The given directory as the deploy directory itself only if it looks like one
+        // (a TOPDIR whose deploy directory is missing must not be taken for it).
+        if cand.is_dir() && (!rel.as_os_str().is_empty() || looks_like_deploy(&cand)) {
             return Some((
                 cand.clone(),
                 format!(

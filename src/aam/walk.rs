@@ -218,7 +218,7 @@ fn walk_root(root: &Root, rules: &Rules, progress: Option<&ScanProgress>, w: &mu
             Err(e) if is_loop(&e) => {
                 report.skip(
                     path,
-                    format!("symbolic link loop ({target} leads back to itself): skipped"),
+                    format!("a symbolic link loop (-> {target}): skipped"),
                 );
                 continue;
             }

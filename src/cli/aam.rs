@@ -190,10 +190,8 @@ pub fn run(cli: &Cli, a: &AamArgs) -> anyhow::Result<ExitCode> {
         table(&mut w, &scan.artifacts)?;
     }
     w.flush().context("writing to stdout")?;
+    // Each skipped file was logged as a warning when it was met.
     let r = &scan.report;
-    for s in &r.skipped {
-        eprintln!("buildbus: warning: {s}");
-    }
     eprintln!(
         "{}: {} artifacts ({:.1} MB hashed), {} entries seen, {} unclassified, {} excluded, {} skipped",
         located.how,
