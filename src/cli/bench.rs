@@ -52,6 +52,8 @@ Examples:
   # Publish rate, DSI rows/s (1, 2, 4 workers; SQLite and PostgreSQL), latency
   cargo run --release -- bench pipeline
   cargo run --release -- bench pipeline --messages 20000 --workers 1,2 --no-postgres
+  # Artifact scanning: MB/s beside sha256sum, files/s beside find
+  cargo run --release -- bench aam --mib 1024 --small-files 100000
 
 Figures go in BENCHMARKS.md; tests never assert speed.";
 
@@ -73,6 +75,8 @@ pub enum BenchWhat {
     Bitbake(super::bench_bitbake::BitbakeBench),
     /// Client library: callbacks/s with a no-op callback, publish → callback latency.
     Monitor(super::bench_monitor::MonitorBench),
+    /// The AAM: MB/s hashing beside sha256sum, files/s walking beside find.
+    Aam(super::bench_aam::AamBench),
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +123,7 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<ExitCode> {
         BenchWhat::Pipeline(p) => super::bench_pipeline::run(cli, p),
         BenchWhat::Bitbake(b) => super::bench_bitbake::run(cli, b),
         BenchWhat::Monitor(m) => super::bench_monitor::run(cli, m),
+        BenchWhat::Aam(x) => super::bench_aam::run(cli, x),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod aam;
 mod bench;
+mod bench_aam;
 mod bench_bitbake;
 mod bench_monitor;
 mod bench_pipeline;
