@@ -2,10 +2,11 @@
 //! file in memory), on all cores.
 //!
 //! Files are handed out largest first to a scoped pool of threads (one buffer each),
-//! so one big image does not end up last on one core while the others idle. Before a
-//! file is opened, it is checked (`lstat`) to still be the regular file the walk found
-//! (same device and inode): a file replaced by a FIFO, a socket, a directory or a link
-//! after the walk is never opened. The open itself uses `O_NOFOLLOW | O_NONBLOCK`, so
+//! so one big image does not end up last on one core while the others idle (their
+//! sizes come from a first, parallel `lstat` pass: the walk itself does not `stat` plain
+//! files). Right before a file is opened, it is checked (`lstat`) to still be the
+//! regular file the walk found (same inode): a file replaced by a FIFO, a socket, a
+//! directory or a link after the walk is never opened. The open itself uses `O_NOFOLLOW | O_NONBLOCK`, so
 //! even a swap in the instant between the check and the open cannot make it follow a
 //! link or block on a FIFO, and the opened file is checked once more (`fstat`).
 
@@ -28,10 +29,10 @@ pub const BUF_SIZE: usize = 512 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HashJob {
     pub path: PathBuf,
-    pub dev: u64,
+    /// Its inode (from the directory entry: the walk does not `stat` plain files).
     pub ino: u64,
-    /// Its size when found (for scheduling and progress; the digest says what was read).
-    pub size: u64,
+    /// Its device, when the walk had it (files reached through a link).
+    pub dev: Option<u64>,
 }
 
 /// The digest of one file.
@@ -71,15 +72,18 @@ fn open_error(e: std::io::Error) -> HashError {
     }
 }
 
-fn check(md: &fs::Metadata, job: &HashJob) -> Result<(), HashError> {
+/// Checks (without opening it) that `job` is still the regular file the walk found;
+/// its metadata.
+fn identify(job: &HashJob) -> Result<fs::Metadata, HashError> {
+    let md = fs::symlink_metadata(&job.path).map_err(open_error)?;
     let ft = md.file_type();
     if !ft.is_file() {
         return Err(HashError::NotRegular(type_name(&ft)));
     }
-    if (md.dev(), md.ino()) != (job.dev, job.ino) {
+    if md.ino() != job.ino || job.dev.is_some_and(|d| d != md.dev()) {
         return Err(HashError::Replaced);
     }
-    Ok(())
+    Ok(md)
 }
 
 /// Hashes one file through `buf`, adding the bytes read to `progress`.
@@ -88,14 +92,19 @@ pub fn hash_file(
     buf: &mut [u8],
     progress: &ScanProgress,
 ) -> Result<FileDigest, HashError> {
-    check(&fs::symlink_metadata(&job.path).map_err(open_error)?, job)?;
+    let before = identify(job)?;
     let mut f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(&job.path)
         .map_err(open_error)?;
     let md = f.metadata().map_err(HashError::Read)?;
-    check(&md, job)?;
+    if !md.file_type().is_file() {
+        return Err(HashError::NotRegular(type_name(&md.file_type())));
+    }
+    if (md.dev(), md.ino()) != (before.dev(), before.ino()) {
+        return Err(HashError::Replaced);
+    }
     let mut h = Sha256::new();
     let mut n = 0u64;
     loop {
@@ -119,52 +128,69 @@ pub fn hash_file(
     })
 }
 
+/// Runs `f` on the items `order` names, on `threads` scoped threads (each with its
+/// own buffer of `buf` bytes); the results by item index.
+fn pool<R: Send>(
+    n: usize,
+    order: &[usize],
+    threads: usize,
+    buf: usize,
+    f: impl Fn(usize, &mut [u8]) -> R + Sync,
+) -> Vec<Option<R>> {
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut b = vec![0u8; buf];
+        let mut out = Vec::new();
+        while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+            out.push((i, f(i, &mut b)));
+        }
+        out
+    };
+    let mut results: Vec<Option<R>> = (0..n).map(|_| None).collect();
+    let threads = threads.clamp(1, order.len().max(1));
+    let done: Vec<Vec<(usize, R)>> = if threads == 1 {
+        vec![work()]
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(&work)).collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        })
+    };
+    for (i, r) in done.into_iter().flatten() {
+        results[i] = Some(r);
+    }
+    results
+}
+
 /// Hashes `jobs` on `threads` threads; one result per job, in the order of `jobs`.
+///
+/// First every file is checked (`lstat`, in parallel) for its size, then the files
+/// are hashed largest first.
 pub fn hash_files(
     jobs: &[HashJob],
     threads: usize,
     progress: &ScanProgress,
 ) -> Vec<Result<FileDigest, HashError>> {
-    let mut order: Vec<usize> = (0..jobs.len()).collect();
-    order.sort_by_key(|&i| Reverse(jobs[i].size));
-    let next = AtomicUsize::new(0);
-    let work = || {
-        let mut buf = vec![0u8; BUF_SIZE];
-        let mut out = Vec::new();
-        loop {
-            let k = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&i) = order.get(k) else {
-                break;
-            };
-            out.push((i, hash_file(&jobs[i], &mut buf, progress)));
-            progress.files_done.fetch_add(1, Ordering::Relaxed);
-        }
-        out
-    };
-    let threads = threads.clamp(1, jobs.len().max(1));
-    let mut results: Vec<Option<Result<FileDigest, HashError>>> =
-        (0..jobs.len()).map(|_| None).collect();
-    let mut place = |done: Vec<(usize, Result<FileDigest, HashError>)>| {
-        for (i, r) in done {
-            results[i] = Some(r);
-        }
-    };
-    if threads == 1 {
-        place(work());
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
-            for h in handles {
-                if let Ok(done) = h.join() {
-                    place(done);
-                }
-            }
-        });
-    }
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or(Err(HashError::Thread)))
-        .collect()
+    let all: Vec<usize> = (0..jobs.len()).collect();
+    let sizes: Vec<Option<u64>> = pool(jobs.len(), &all, threads, 0, |i, _| {
+        identify(&jobs[i]).ok().map(|md| md.len())
+    })
+    .into_iter()
+    .map(Option::flatten)
+    .collect();
+    progress
+        .bytes_total
+        .store(sizes.iter().flatten().sum(), Ordering::Relaxed);
+    let mut order = all;
+    order.sort_by_key(|&i| Reverse(sizes[i].unwrap_or(0)));
+    pool(jobs.len(), &order, threads, BUF_SIZE, |i, buf| {
+        let r = hash_file(&jobs[i], buf, progress);
+        progress.files_done.fetch_add(1, Ordering::Relaxed);
+        r
+    })
+    .into_iter()
+    .map(|r| r.unwrap_or(Err(HashError::Thread)))
+    .collect()
 }
 
 #[cfg(test)]
@@ -175,9 +201,8 @@ mod tests {
         let md = fs::symlink_metadata(path).unwrap();
         HashJob {
             path: path.to_path_buf(),
-            dev: md.dev(),
             ino: md.ino(),
-            size: md.len(),
+            dev: Some(md.dev()),
         }
     }
 

@@ -171,25 +171,24 @@ pub fn finish(walked: Walked, opts: &ScanOptions) -> Scan {
 
 fn finish_with(walked: Walked, opts: &ScanOptions, progress: &ScanProgress) -> Scan {
     let Walked { found, mut report } = walked;
-    // Each file once, however many entries (links, hard links) lead to it.
+    // Each file once, however many links lead to it (the roots are canonical and the
+    // walk follows no link, so one file has one path here).
     let mut jobs: Vec<HashJob> = Vec::new();
-    let mut by_id: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut by_path: HashMap<&Path, usize> = HashMap::new();
     let job_of: Vec<Option<usize>> = found
         .iter()
         .map(|f| match &f.content {
-            Content::File(job) => Some(*by_id.entry((job.dev, job.ino)).or_insert_with(|| {
+            Content::File(job) => Some(*by_path.entry(&job.path).or_insert_with(|| {
                 jobs.push(job.clone());
                 jobs.len() - 1
             })),
             Content::None { .. } => None,
         })
         .collect();
+    drop(by_path);
     progress
         .files_total
         .store(jobs.len() as u64, Ordering::Relaxed);
-    progress
-        .bytes_total
-        .store(jobs.iter().map(|j| j.size).sum(), Ordering::Relaxed);
     let results = hash_files(&jobs, opts.thread_count(), progress);
     report.bytes_hashed = results
         .iter()

@@ -2,8 +2,9 @@
 //!
 //! - Directories are entered unless an exclude rule names them (then they are not even
 //!   read). Symbolic links to directories are never entered.
-//! - A regular file a rule classifies becomes a [`Found`] to hash (by its device and
-//!   inode, so the hashing can tell if it changed type meanwhile).
+//! - A regular file a rule classifies becomes a [`Found`] to hash (with the inode its
+//!   directory entry gives, so the hashing can tell if it was replaced meanwhile; plain
+//!   files are not `stat`ed here, the hashing threads do that in parallel).
 //! - A symbolic link a rule classifies is recorded with its target as written. If it
 //!   resolves to a regular file *inside its own tree*, that file's content is hashed for
 //!   it; a link resolving outside the tree is never followed (target only); a dangling
@@ -12,14 +13,15 @@
 //!   find out that nothing comes: opening a FIFO for reading blocks until a writer
 //!   appears).
 //!
-//! Only `lstat`/`readlink`/`realpath`-style calls happen here; no file is opened.
+//! Only `readdir`, and `lstat`/`readlink`/`realpath` for links, happen here; no file is
+//! opened.
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use walkdir::WalkDir;
+use walkdir::{DirEntryExt, WalkDir};
 
 use super::hash::HashJob;
 use super::progress::ScanProgress;
@@ -180,6 +182,22 @@ fn walk_root(root: &Root, rules: &Rules, progress: Option<&ScanProgress>, w: &mu
             report.unclassified += 1;
             continue;
         };
+        if ft.is_file() {
+            // No `stat` here: the hashing checks and measures the file (in parallel).
+            w.found.push(Found {
+                path: logical,
+                abs: path.to_path_buf(),
+                class,
+                link: None,
+                content: Content::File(HashJob {
+                    path: path.to_path_buf(),
+                    ino: entry.ino(),
+                    dev: None,
+                }),
+            });
+            continue;
+        }
+        // A symbolic link.
         let md = match fs::symlink_metadata(path) {
             Ok(md) => md,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -191,22 +209,6 @@ fn walk_root(root: &Root, rules: &Rules, progress: Option<&ScanProgress>, w: &mu
                 continue;
             }
         };
-        if ft.is_file() {
-            w.found.push(Found {
-                path: logical,
-                abs: path.to_path_buf(),
-                class,
-                link: None,
-                content: Content::File(HashJob {
-                    path: path.to_path_buf(),
-                    dev: md.dev(),
-                    ino: md.ino(),
-                    size: md.len(),
-                }),
-            });
-            continue;
-        }
-        // A symbolic link.
         let target = match fs::read_link(path) {
             Ok(t) => t.to_string_lossy().into_owned(),
             Err(e) => {
@@ -232,9 +234,8 @@ fn walk_root(root: &Root, rules: &Rules, progress: Option<&ScanProgress>, w: &mu
             Ok(resolved) if resolved.starts_with(&root.dir) => match fs::metadata(&resolved) {
                 Ok(t) if t.is_file() => Content::File(HashJob {
                     path: resolved,
-                    dev: t.dev(),
                     ino: t.ino(),
-                    size: t.len(),
+                    dev: Some(t.dev()),
                 }),
                 Ok(t) if t.is_dir() => Content::None {
                     mtime_ms: mtime_ms(&md),
