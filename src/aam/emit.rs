@@ -108,11 +108,7 @@ pub fn artifacts_for_build(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let located = locate(dir, system, (!vars.is_empty()).then_some(&vars), rules)?;
-    tracing::info!(
-        "aam: build {}: scanning {}",
-        b.common.build_id,
-        located.how
-    );
+    tracing::info!("aam: build {}: scanning {}", b.common.build_id, located.how);
     let scanned = scan(&located.roots, rules, opts)?;
     let prefix = finished
         .meta

@@ -113,9 +113,7 @@ pub fn hash_file(
             Ok(k) => {
                 h.update(&buf[..k]);
                 n += k as u64;
-                progress
-                    .bytes_done
-                    .fetch_add(k as u64, Ordering::Relaxed);
+                progress.bytes_done.fetch_add(k as u64, Ordering::Relaxed);
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(HashError::Read(e)),
@@ -152,7 +150,7 @@ fn pool<R: Send>(
         vec![work()]
     } else {
         std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads).map(|_| s.spawn(&work)).collect();
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
             handles.into_iter().filter_map(|h| h.join().ok()).collect()
         })
     };

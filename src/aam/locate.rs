@@ -35,8 +35,7 @@ pub fn detect_system(dir: &Path, rules: &Rules) -> Option<&'static str> {
     {
         return Some("bazel");
     }
-    if conventional_deploy(dir).is_some() || has("conf/local.conf") || has("conf/bblayers.conf")
-    {
+    if conventional_deploy(dir).is_some() || has("conf/local.conf") || has("conf/bblayers.conf") {
         return Some("bitbake");
     }
     None
@@ -67,7 +66,10 @@ pub fn locate(
             }
             if let Some(deploy) = conventional_deploy(dir) {
                 return Ok(Located {
-                    how: format!("{} (the usual place under the build directory)", deploy.display()),
+                    how: format!(
+                        "{} (the usual place under the build directory)",
+                        deploy.display()
+                    ),
                     roots: vec![Root::new(&deploy, "deploy")?],
                 });
             }

@@ -208,7 +208,10 @@ impl Rules {
             .regex
             .capture_names()
             .flatten()
-            .filter_map(|n| caps.name(n).map(|m| (n.to_string(), m.as_str().to_string())))
+            .filter_map(|n| {
+                caps.name(n)
+                    .map(|m| (n.to_string(), m.as_str().to_string()))
+            })
             .collect();
         let target = rule.target.as_ref().map(|t| {
             let mut out = String::new();
@@ -353,7 +356,10 @@ mod tests {
         assert_eq!(r.classify("y").unwrap().kind, "b");
         let e = Rules::parse("[[rule]]\nkind = \"a\"\npattern = '('\n", "t.toml").unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("t.toml") && s.contains("rule 1 (kind \"a\")"), "{s}");
+        assert!(
+            s.contains("t.toml") && s.contains("rule 1 (kind \"a\")"),
+            "{s}"
+        );
         let e = Rules::parse("[[rule]]\nkind = \"a\"\npatern = 'x'\n", "t.toml").unwrap_err();
         assert!(e.to_string().contains("line 3"), "{e}");
         let e = Rules::parse(

@@ -209,7 +209,9 @@ fn finish_with(walked: Walked, opts: &ScanOptions, progress: &ScanProgress) -> S
                     continue;
                 }
             },
-            (None, Content::None { mtime_ms }) => (None, mtime_ms.and_then(time::from_millis), None),
+            (None, Content::None { mtime_ms }) => {
+                (None, mtime_ms.and_then(time::from_millis), None)
+            }
             (None, Content::File(_)) => (None, None, None),
         };
         artifacts.push(Artifact {

@@ -165,7 +165,7 @@ fn walk_root(root: &Root, rules: &Rules, progress: Option<&ScanProgress>, w: &mu
         if root.prefix.is_empty()
             && entry.depth() == 1
             && ft.is_symlink()
-            && rules.root_links().iter().any(|l| *l == rel)
+            && rules.root_links().contains(&rel)
         {
             continue;
         }
@@ -218,10 +218,7 @@ fn walk_root(root: &Root, rules: &Rules, progress: Option<&ScanProgress>, w: &mu
         };
         let content = match fs::canonicalize(path) {
             Err(e) if is_loop(&e) => {
-                report.skip(
-                    path,
-                    format!("a symbolic link loop (-> {target}): skipped"),
-                );
+                report.skip(path, format!("a symbolic link loop (-> {target}): skipped"));
                 continue;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Content::None {

@@ -79,9 +79,8 @@ pub async fn publish_file(
                         return;
                     }
                     Progress::Message(env, _) => {
-                        let _ = tx.blocking_send(Item::Message(Box::new(
-                            Outgoing::from_envelope(&env),
-                        )));
+                        let _ = tx
+                            .blocking_send(Item::Message(Box::new(Outgoing::from_envelope(&env))));
                         // A finished build: its artifacts right after it, at its offset.
                         if let Some(scanner) = &opts.artifacts {
                             for a in scanner.after(&env) {

@@ -101,13 +101,21 @@ impl BuildDirArgs {
         let Some(dir) = &self.build_dir else {
             return Ok(None);
         };
-        anyhow::ensure!(dir.is_dir(), "--build-dir {}: not a directory", dir.display());
+        anyhow::ensure!(
+            dir.is_dir(),
+            "--build-dir {}: not a directory",
+            dir.display()
+        );
         let rules = load_rules(self.artifact_rules.as_deref())?;
         let opts = ScanOptions {
             progress_bar: !quiet,
             ..ScanOptions::default()
         };
-        Ok(Some(Arc::new(BuildScanner::new(dir, Arc::new(rules), opts))))
+        Ok(Some(Arc::new(BuildScanner::new(
+            dir,
+            Arc::new(rules),
+            opts,
+        ))))
     }
 }
 
@@ -210,7 +218,12 @@ pub fn run(cli: &Cli, a: &AamArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn table(w: &mut impl Write, artifacts: &[aam::Artifact]) -> std::io::Result<()> {
-    let kw = artifacts.iter().map(|a| a.kind.len()).max().unwrap_or(4).max(4);
+    let kw = artifacts
+        .iter()
+        .map(|a| a.kind.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     writeln!(w, "{:kw$}  {:>12}  {:16}  path", "kind", "size", "sha256")?;
     for a in artifacts {
         let size = a.size.map(|s| s.to_string()).unwrap_or_else(|| "-".into());

@@ -184,14 +184,21 @@ pub fn run(_cli: &Cli, a: &AamBench) -> anyhow::Result<ExitCode> {
     };
     let ours_one = ours(1)?;
     let ours_all = ours(cores)?;
-    ensure!(scanned == bytes / a.large_files * a.large_files, "hashed {scanned} bytes");
+    ensure!(
+        scanned == bytes / a.large_files * a.large_files,
+        "hashed {scanned} bytes"
+    );
     let hwm = vm_hwm_mib();
     let mb = scanned as f64 / 1e6;
     let mbs = |s: f64| mb / s;
 
     // --- Walking small files.
     let small = dir.join("small");
-    eprintln!("generating {} small files in {}", a.small_files, small.display());
+    eprintln!(
+        "generating {} small files in {}",
+        a.small_files,
+        small.display()
+    );
     small_tree(&small, a.small_files)?;
     let count_find = || -> anyhow::Result<u64> {
         let o = Proc::new("find")
@@ -220,10 +227,7 @@ pub fn run(_cli: &Cli, a: &AamBench) -> anyhow::Result<ExitCode> {
     })?;
     let fps = |s: f64| a.small_files as f64 / s;
 
-    println!(
-        "# buildbus bench aam: {} cores, best of {}",
-        cores, a.runs
-    );
+    println!("# buildbus bench aam: {} cores, best of {}", cores, a.runs);
     println!();
     println!(
         "Hashing {} files, {:.0} MB (page cache warm):",

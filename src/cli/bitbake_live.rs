@@ -164,10 +164,12 @@ pub fn run(cli: &Cli, a: &BitbakeLiveArgs) -> anyhow::Result<ExitCode> {
         }
         let command_failed = matches!(report.live.end, LiveEnd::CommandFailed { .. });
         eprintln!("{}: session ended: {:?}", a.server, report.live.end);
-        Ok(if report.errors.is_empty() && !command_failed && !aam_failed {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        })
+        Ok(
+            if report.errors.is_empty() && !command_failed && !aam_failed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            },
+        )
     })
 }

@@ -126,7 +126,10 @@ fn yocto_tree(top: &Path) -> YoctoTree {
     let mut want = BTreeMap::new();
     let mut skipped = BTreeMap::new();
     let m = ("machine", MACHINE);
-    write(&build.join("conf/local.conf"), b"MACHINE = \"demo-qemux86-64\"\n");
+    write(
+        &build.join("conf/local.conf"),
+        b"MACHINE = \"demo-qemux86-64\"\n",
+    );
     write(
         &build.join("tmp/work/core2-64-poky-linux/busybox/1.36.1-r0/temp/log.do_compile"),
         b"compiled\n",
@@ -148,19 +151,33 @@ fn yocto_tree(top: &Path) -> YoctoTree {
         format!("deploy/images/{MACHINE}/{rootfs_name}"),
         want_f(
             "image",
-            &[m, ("image", &format!("demo-image-{MACHINE}.rootfs")), ("format", "ext4")],
+            &[
+                m,
+                ("image", &format!("demo-image-{MACHINE}.rootfs")),
+                ("format", "ext4"),
+            ],
             &rootfs,
         ),
     );
     // The usual unversioned link to it, inside the tree: the image's own content.
-    link(&img.join(format!("demo-image-{MACHINE}.ext4")), &rootfs_name);
+    link(
+        &img.join(format!("demo-image-{MACHINE}.ext4")),
+        &rootfs_name,
+    );
     let mut w = want_f(
         "image",
-        &[m, ("image", &format!("demo-image-{MACHINE}")), ("format", "ext4")],
+        &[
+            m,
+            ("image", &format!("demo-image-{MACHINE}")),
+            ("format", "ext4"),
+        ],
         &rootfs,
     );
     w.symlink_target = Some(rootfs_name.clone());
-    want.insert(format!("deploy/images/{MACHINE}/demo-image-{MACHINE}.ext4"), w);
+    want.insert(
+        format!("deploy/images/{MACHINE}/demo-image-{MACHINE}.ext4"),
+        w,
+    );
 
     let wic = content(2, 4096);
     let wic_name = format!("demo-image-{MACHINE}.rootfs.wic.bz2");
@@ -169,7 +186,11 @@ fn yocto_tree(top: &Path) -> YoctoTree {
         format!("deploy/images/{MACHINE}/{wic_name}"),
         want_f(
             "image",
-            &[m, ("image", &format!("demo-image-{MACHINE}.rootfs")), ("format", "wic.bz2")],
+            &[
+                m,
+                ("image", &format!("demo-image-{MACHINE}.rootfs")),
+                ("format", "wic.bz2"),
+            ],
             &wic,
         ),
     );
@@ -180,7 +201,11 @@ fn yocto_tree(top: &Path) -> YoctoTree {
         format!("deploy/images/{MACHINE}/{manifest_name}"),
         want_f(
             "manifest",
-            &[m, ("image", &format!("demo-image-{MACHINE}.rootfs")), ("format", "manifest")],
+            &[
+                m,
+                ("image", &format!("demo-image-{MACHINE}.rootfs")),
+                ("format", "manifest"),
+            ],
             &manifest,
         ),
     );
@@ -211,7 +236,11 @@ fn yocto_tree(top: &Path) -> YoctoTree {
         format!("deploy/images/{MACHINE}/demo-image-{MACHINE}.qemuboot.conf"),
         want_f(
             "image_config",
-            &[m, ("image", &format!("demo-image-{MACHINE}")), ("format", "qemuboot.conf")],
+            &[
+                m,
+                ("image", &format!("demo-image-{MACHINE}")),
+                ("format", "qemuboot.conf"),
+            ],
             &qemuboot,
         ),
     );
@@ -224,11 +253,7 @@ fn yocto_tree(top: &Path) -> YoctoTree {
     want.insert(format!("deploy/images/{MACHINE}/host-file.bin"), w);
     // A dangling link: recorded as such.
     link(&img.join("old.wic"), "demo-image-gone.wic");
-    let mut w = spec(
-        "image",
-        &[m, ("image", "old"), ("format", "wic")],
-        None,
-    );
+    let mut w = spec("image", &[m, ("image", "old"), ("format", "wic")], None);
     w.symlink_target = Some("demo-image-gone.wic".into());
     want.insert(format!("deploy/images/{MACHINE}/old.wic"), w);
     // A link to a directory of the tree: recorded, not entered twice.
@@ -258,7 +283,11 @@ fn yocto_tree(top: &Path) -> YoctoTree {
             format!("deploy/images/{MACHINE}/demo-image-{MACHINE}.rootfs.cpio.gz"),
             want_f(
                 "image",
-                &[m, ("image", &format!("demo-image-{MACHINE}.rootfs")), ("format", "cpio.gz")],
+                &[
+                    m,
+                    ("image", &format!("demo-image-{MACHINE}.rootfs")),
+                    ("format", "cpio.gz"),
+                ],
                 &secret,
             ),
         );
@@ -318,7 +347,11 @@ fn yocto_tree(top: &Path) -> YoctoTree {
             "ipk/core2-64",
             "Packages.gz",
             "package_index",
-            vec![("format", "ipk"), ("arch", "core2-64"), ("name", "Packages.gz")],
+            vec![
+                ("format", "ipk"),
+                ("arch", "core2-64"),
+                ("name", "Packages.gz"),
+            ],
         ),
         (
             "sdk",
@@ -356,10 +389,7 @@ fn yocto_tree(top: &Path) -> YoctoTree {
     ] {
         let data = content(name.bytes().map(u64::from).sum(), 777);
         write(&deploy.join(dir).join(name), &data);
-        want.insert(
-            format!("deploy/{dir}/{name}"),
-            want_f(kind, &fields, &data),
-        );
+        want.insert(format!("deploy/{dir}/{name}"), want_f(kind, &fields, &data));
     }
     YoctoTree {
         build,
@@ -417,7 +447,12 @@ fn check_exact(scan: &Scan, want: &BTreeMap<String, Want>, skipped: &BTreeMap<Pa
         "{skipped_got:#?}"
     );
     for (p, word) in skipped {
-        assert!(skipped_got[p].contains(word), "{}: {}", p.display(), skipped_got[p]);
+        assert!(
+            skipped_got[p].contains(word),
+            "{}: {}",
+            p.display(),
+            skipped_got[p]
+        );
     }
     assert_eq!(scan.report.artifacts, want.len() as u64);
 }
@@ -488,30 +523,51 @@ fn a_bazel_workspace_follows_its_convenience_links_and_nothing_else() {
     write(&ws.join("app/BUILD"), b"sh_binary(name = \"hello\")\n");
     write(&ws.join("app/hello.sh"), b"echo hello\n");
     link(&ws.join("bazel-bin"), out.join("bin").to_str().unwrap());
-    link(&ws.join("bazel-testlogs"), out.join("testlogs").to_str().unwrap());
-    link(&ws.join("bazel-out"), out.parent().unwrap().to_str().unwrap());
+    link(
+        &ws.join("bazel-testlogs"),
+        out.join("testlogs").to_str().unwrap(),
+    );
+    link(
+        &ws.join("bazel-out"),
+        out.parent().unwrap().to_str().unwrap(),
+    );
     let mut want = BTreeMap::new();
     let hello = content(10, 20_000);
     write(&out.join("bin/app/hello"), &hello);
     want.insert(
         "bazel-bin/app/hello".to_string(),
-        want_f("bazel_output", &[("package", "app"), ("name", "hello")], &hello),
+        want_f(
+            "bazel_output",
+            &[("package", "app"), ("name", "hello")],
+            &hello,
+        ),
     );
     let lib = content(11, 900);
     write(&out.join("bin/lib/libgreet.a"), &lib);
     want.insert(
         "bazel-bin/lib/libgreet.a".to_string(),
-        want_f("bazel_output", &[("package", "lib"), ("name", "libgreet.a")], &lib),
+        want_f(
+            "bazel_output",
+            &[("package", "lib"), ("name", "libgreet.a")],
+            &lib,
+        ),
     );
     // Excluded: runfiles trees, compiler intermediates, params files.
-    link(&out.join("bin/app/hello.runfiles/_main/app/hello"), "../../../hello");
+    link(
+        &out.join("bin/app/hello.runfiles/_main/app/hello"),
+        "../../../hello",
+    );
     write(&out.join("bin/app/hello.runfiles_manifest"), b"x\n");
     write(&out.join("bin/lib/_objs/greet/greet.o"), b"obj");
     write(&out.join("bin/lib/libgreet.a-2.params"), b"-o\n");
     // A link of the output tree to the source tree: outside the tree, not followed.
     let src = ws.join("app/hello.sh");
     link(&out.join("bin/app/hello.sh"), src.to_str().unwrap());
-    let mut w = spec("bazel_output", &[("package", "app"), ("name", "hello.sh")], None);
+    let mut w = spec(
+        "bazel_output",
+        &[("package", "app"), ("name", "hello.sh")],
+        None,
+    );
     w.symlink_target = Some(src.display().to_string());
     want.insert("bazel-bin/app/hello.sh".to_string(), w);
     // Test logs: a plain test, a sharded one, attempts, undeclared outputs.
@@ -539,13 +595,23 @@ fn a_bazel_workspace_follows_its_convenience_links_and_nothing_else() {
     test_file(
         "tests/sharded_test/shard_2_of_2/test.xml",
         "test_xml",
-        &[pkg, ("test", "sharded_test"), ("shard", "2"), ("shards", "2")],
+        &[
+            pkg,
+            ("test", "sharded_test"),
+            ("shard", "2"),
+            ("shards", "2"),
+        ],
         "//tests:sharded_test",
     );
     test_file(
         "tests/flaky_test/test_attempts/attempt_1.log",
         "test_attempt",
-        &[pkg, ("test", "flaky_test"), ("name", "attempt_1.log"), ("attempt", "1")],
+        &[
+            pkg,
+            ("test", "flaky_test"),
+            ("name", "attempt_1.log"),
+            ("attempt", "1"),
+        ],
         "//tests:flaky_test",
     );
     test_file(
@@ -562,7 +628,10 @@ fn a_bazel_workspace_follows_its_convenience_links_and_nothing_else() {
     );
     write(&tl.join("tests/pass_test/test.cache_status"), b"\x01");
     // bazel-out is not a root link: what only it reaches is not scanned.
-    write(&out.parent().unwrap().join("volatile-status.txt"), b"BUILD_TIMESTAMP 1\n");
+    write(
+        &out.parent().unwrap().join("volatile-status.txt"),
+        b"BUILD_TIMESTAMP 1\n",
+    );
 
     let scan = scan_dir(&ws, "bazel");
     check_exact(&scan, &want, &BTreeMap::new());
@@ -618,7 +687,10 @@ fn files_that_change_after_the_walk_are_skipped_never_read() {
     assert_eq!(reasons.len(), 4);
     assert_eq!(scan.artifacts.len(), 1);
     assert_eq!(scan.artifacts[0].path, "deploy/images/m/e.ext4");
-    assert_eq!(scan.artifacts[0].sha256.as_deref(), Some(sha(&rewritten).as_str()));
+    assert_eq!(
+        scan.artifacts[0].sha256.as_deref(),
+        Some(sha(&rewritten).as_str())
+    );
     assert_eq!(scan.artifacts[0].size, Some(rewritten.len() as u64));
 }
 
@@ -646,7 +718,12 @@ fn a_rules_file_replaces_the_builtin_rules_and_bad_ones_are_named() {
         t.build.to_str().unwrap(),
     ]);
     // Skipped files (loop, FIFO, socket) make the exit status 1, with everything else printed.
-    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let lines = stdout_lines(&o);
     let kinds: BTreeMap<String, String> = lines
         .iter()
@@ -690,7 +767,12 @@ fn a_rules_file_replaces_the_builtin_rules_and_bad_ones_are_named() {
     assert_eq!(rootfs["payload"]["fields"]["m"], MACHINE);
     // Bad rules: exit 2, the file, the line, the reason.
     fs::write(&rules, "[[rule]]\nkind = \"x\"\npattern = '(unclosed'\n").unwrap();
-    let o = buildbus(&["aam", "--rules", rules.to_str().unwrap(), t.build.to_str().unwrap()]);
+    let o = buildbus(&[
+        "aam",
+        "--rules",
+        rules.to_str().unwrap(),
+        t.build.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -698,7 +780,12 @@ fn a_rules_file_replaces_the_builtin_rules_and_bad_ones_are_named() {
         "{err}"
     );
     fs::write(&rules, "[[rule]]\nkind = \"x\"\npatern = 'y'\n").unwrap();
-    let o = buildbus(&["aam", "--rules", rules.to_str().unwrap(), t.build.to_str().unwrap()]);
+    let o = buildbus(&[
+        "aam",
+        "--rules",
+        rules.to_str().unwrap(),
+        t.build.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("line 3") && err.contains("patern"), "{err}");
@@ -730,7 +817,10 @@ fn the_cli_prints_a_table_and_valid_messages_with_stable_ids() {
         "{table}"
     );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&format!("{} artifacts", t.want.len())), "{err}");
+    assert!(
+        err.contains(&format!("{} artifacts", t.want.len())),
+        "{err}"
+    );
     // JSON: every message valid, ids the same on a second scan.
     let validators = buildbus::dsi::validate::Validators::new().unwrap();
     let ids = |o: &std::process::Output| -> BTreeSet<String> {
@@ -743,7 +833,15 @@ fn the_cli_prints_a_table_and_valid_messages_with_stable_ids() {
             .collect()
     };
     let a = ids(&buildbus(&["aam", "--json", "--build-id", "b1", dir]));
-    let b = ids(&buildbus(&["aam", "--json", "--build-id", "b1", "--threads", "1", dir]));
+    let b = ids(&buildbus(&[
+        "aam",
+        "--json",
+        "--build-id",
+        "b1",
+        "--threads",
+        "1",
+        dir,
+    ]));
     let c = ids(&buildbus(&["aam", "--json", "--build-id", "b2", dir]));
     assert_eq!(a.len(), t.want.len());
     assert_eq!(a, b);
@@ -774,7 +872,11 @@ fn store_all(url: &str, store: &str, want: u64) {
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     rt.block_on(pool).expect("pool task").expect("pool");
-    assert!(ok, "stored {} of {want}", stats.stored.load(Ordering::Relaxed));
+    assert!(
+        ok,
+        "stored {} of {want}",
+        stats.stored.load(Ordering::Relaxed)
+    );
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
 }
 
@@ -833,11 +935,19 @@ fn a_finished_bitbake_builds_artifacts_are_stored_under_that_build() {
     );
     let rules = Rules::builtin();
     let mut ids: Option<BTreeSet<String>> = None;
-    for given in [t.build.clone(), t.build.join("tmp"), t.build.join("tmp/deploy")] {
+    for given in [
+        t.build.clone(),
+        t.build.join("tmp"),
+        t.build.join("tmp/deploy"),
+    ] {
         let a = aam::artifacts_for_build(&given, &rules, fin, &ScanOptions::default()).unwrap();
         assert_eq!(a.envelopes.len(), t.want.len(), "{}", a.located);
         assert!(a.located.contains("DEPLOY_DIR"), "{}", a.located);
-        let these: BTreeSet<String> = a.envelopes.iter().map(|e| e.meta.message_id.clone()).collect();
+        let these: BTreeSet<String> = a
+            .envelopes
+            .iter()
+            .map(|e| e.meta.message_id.clone())
+            .collect();
         if let Some(ids) = &ids {
             assert_eq!(&these, ids, "{}", given.display());
         }
@@ -860,7 +970,10 @@ fn a_finished_bitbake_builds_artifacts_are_stored_under_that_build() {
         "{err}"
     );
     assert!(
-        err.contains(&format!("1 finished builds scanned, {} artifacts", t.want.len())),
+        err.contains(&format!(
+            "1 finished builds scanned, {} artifacts",
+            t.want.len()
+        )),
         "{err}"
     );
     // Published twice (at-least-once): stored once.
@@ -901,7 +1014,11 @@ fn a_finished_bitbake_builds_artifacts_are_stored_under_that_build() {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64;
-        assert_eq!(rootfs.mtime, buildbus::model::time::from_millis(ms), "{store}");
+        assert_eq!(
+            rootfs.mtime,
+            buildbus::model::time::from_millis(ms),
+            "{store}"
+        );
         assert!(rows.iter().all(|r| r.build_id == build_id));
     }
 }
@@ -913,7 +1030,10 @@ fn a_finished_bazel_builds_named_outputs_and_scanned_files_are_stored() {
     let out = d.path().join("cache/bazel-out/k8-fastbuild");
     write(&ws.join("WORKSPACE"), b"");
     link(&ws.join("bazel-bin"), out.join("bin").to_str().unwrap());
-    link(&ws.join("bazel-testlogs"), out.join("testlogs").to_str().unwrap());
+    link(
+        &ws.join("bazel-testlogs"),
+        out.join("testlogs").to_str().unwrap(),
+    );
     let bin = content(40, 5000);
     let xml = b"<testsuites><testsuite name=\"pass_test\"/></testsuites>\n".to_vec();
     write(&out.join("bin/tests/pass_test"), &bin);
@@ -941,8 +1061,11 @@ fn a_finished_bazel_builds_named_outputs_and_scanned_files_are_stored() {
         && r.path == "bazel-out/k8-fastbuild/bin/tests/pass_test"
         && r.uri.as_deref().is_some_and(|u| u.starts_with("file:///"))));
     // And the scanned files, hashed.
-    let scanned: BTreeMap<&str, &ArtifactRow> =
-        rows.iter().filter(|r| r.mtime.is_some()).map(|r| (r.path.as_str(), r)).collect();
+    let scanned: BTreeMap<&str, &ArtifactRow> = rows
+        .iter()
+        .filter(|r| r.mtime.is_some())
+        .map(|r| (r.path.as_str(), r))
+        .collect();
     assert_eq!(scanned.len(), 2);
     let b = scanned["bazel-bin/tests/pass_test"];
     assert_eq!(b.kind, "bazel_output");

@@ -38,7 +38,10 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "schemas/sql/postgres.sql",
-        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/sql/postgres.sql")),
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/schemas/sql/postgres.sql"
+        )),
     ),
     (
         2,
@@ -277,12 +280,8 @@ fn migrate(client: &mut Client, name: &str) -> Result<(), StoreError> {
     }
     for (v, file, script) in MIGRATIONS {
         if *v > version {
-            tx.batch_execute(script).map_err(|e| {
-                fail(
-                    &format!("creating schema version {v} ({file})"),
-                    e,
-                )
-            })?;
+            tx.batch_execute(script)
+                .map_err(|e| fail(&format!("creating schema version {v} ({file})"), e))?;
         }
     }
     tx.commit().map_err(|e| fail("COMMIT (schema)", e))

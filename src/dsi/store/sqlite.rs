@@ -31,7 +31,10 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "schemas/sql/sqlite.sql",
-        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/sql/sqlite.sql")),
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/schemas/sql/sqlite.sql"
+        )),
     ),
     (
         2,
@@ -195,9 +198,8 @@ impl SqliteStore {
         }
         for (v, file, script) in MIGRATIONS {
             if *v > version {
-                tx.execute_batch(script).map_err(fail(&format!(
-                    "creating schema version {v} ({file})"
-                )))?;
+                tx.execute_batch(script)
+                    .map_err(fail(&format!("creating schema version {v} ({file})")))?;
             }
         }
         tx.commit().map_err(fail("COMMIT (schema)"))
