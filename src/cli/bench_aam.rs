@@ -23,8 +23,18 @@ use clap::Args;
 use super::Cli;
 use crate::aam::{self, Rules, ScanOptions};
 
+const EXAMPLES: &str = "\
+Examples:
+  # 8 files, 1 GiB, beside sha256sum; 100,000 small files beside find
+  cargo run --release -- bench aam
+  # Bigger files, keep the generated trees
+  cargo run --release -- bench aam --mib 4096 --large-files 4 --dir /var/tmp/aam-bench
+
+Figures go in BENCHMARKS.md; tests never assert speed.";
+
 /// Options of `bench aam`.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct AamBench {
     /// Total size of the large files, in MiB.
     #[arg(long, default_value_t = 1024)]
