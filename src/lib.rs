@@ -26,11 +26,14 @@
 //! - [`config`]: `config/buildbus.toml`, compiled in as the defaults;
 //! - [`report`]: human summaries of translated builds;
 //! - [`client`]: filtered subscriptions with callbacks, behind `buildbus monitor`;
+//! - [`aam`]: the Artifacts Analysis Module: scans a finished build's directory,
+//!   classifies and hashes what it finds, and gives `artifact` messages of that build
+//!   (`buildbus aam`, and `--build-dir` of `publish`/`bitbake-live`);
 //! - [`cli`]: the `buildbus` command line (`anyhow` lives only there and in `main.rs`).
 //!
-//! Still to come (see the issues): `aam/` (artifact analysis) and the Bazel Build Event
-//! Service source.
+//! Still to come (see the issues): the Bazel Build Event Service source.
 
+pub mod aam;
 pub mod bus;
 pub mod cli;
 pub mod client;

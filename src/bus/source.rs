@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use super::message::Outgoing;
 use super::publish::Publisher;
 use super::{checkpoint, BusError};
+use crate::aam::BuildScanner;
 use crate::evt::{read_file, Context, Follow, Format, Progress, StreamReport};
 
 /// How to publish one file.
@@ -25,6 +26,10 @@ pub struct FileOptions {
     pub follow: Option<Follow>,
     /// The checkpoint file (`None`: no checkpoint).
     pub checkpoint: Option<PathBuf>,
+    /// The artifact scanner of the build directory: when a build's `finished` message
+    /// is read, the build's artifacts are published right after it (at the same
+    /// checkpoint offset, so a resumed publish neither loses nor repeats them).
+    pub artifacts: Option<Arc<BuildScanner>>,
 }
 
 /// What publishing one file did.
@@ -74,7 +79,17 @@ pub async fn publish_file(
                         return;
                     }
                     Progress::Message(env, _) => {
-                        Item::Message(Box::new(Outgoing::from_envelope(&env)))
+                        let _ = tx
+                            .blocking_send(Item::Message(Box::new(Outgoing::from_envelope(&env))));
+                        // A finished build: its artifacts right after it, at its offset.
+                        if let Some(scanner) = &opts.artifacts {
+                            for a in scanner.after(&env) {
+                                let _ = tx.blocking_send(Item::Message(Box::new(
+                                    Outgoing::from_envelope(&a),
+                                )));
+                            }
+                        }
+                        return;
                     }
                     Progress::Through(end) => Item::Through(end),
                 };

@@ -54,6 +54,8 @@ Examples:
   cargo run --release -- bench pipeline --messages 20000 --workers 1,2 --no-postgres
   # Events/s through the BES backend (private RabbitMQ), beside file translation
   cargo run --release -- bench bes --events 200000 --streams 1,4
+  # Artifact scanning: MB/s beside sha256sum, files/s beside find
+  cargo run --release -- bench aam --mib 1024 --small-files 100000
 
 Figures go in BENCHMARKS.md; tests never assert speed.";
 
@@ -77,6 +79,8 @@ pub enum BenchWhat {
     Monitor(super::bench_monitor::MonitorBench),
     /// BES backend: events/s streamed to it (acked = confirmed), beside file translation.
     Bes(super::bench_bes::BesBench),
+    /// The AAM: MB/s hashing beside sha256sum, files/s walking beside find.
+    Aam(super::bench_aam::AamBench),
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +128,7 @@ pub fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<ExitCode> {
         BenchWhat::Bitbake(b) => super::bench_bitbake::run(cli, b),
         BenchWhat::Monitor(m) => super::bench_monitor::run(cli, m),
         BenchWhat::Bes(b) => super::bench_bes::run(cli, b),
+        BenchWhat::Aam(x) => super::bench_aam::run(cli, x),
     }
 }
 

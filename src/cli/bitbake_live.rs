@@ -22,6 +22,8 @@ Examples:
   buildbus bitbake-live --server 127.0.0.1:8765 --observe
   # Print the messages instead of publishing them
   buildbus bitbake-live --server 127.0.0.1:8765 --target demo-image --print
+  # And the build's artifacts when it finishes (deploy directory from its variables)
+  buildbus bitbake-live --server 127.0.0.1:8765 --target demo-image --build-dir ~/poky/build
 
 Ctrl-C once asks BitBake to stop the build cleanly, twice to stop it at once. Exit
 status: 0 when the session ran to the end of BitBake's command (even if the build
@@ -64,6 +66,8 @@ pub struct BitbakeLiveArgs {
     pub window: usize,
     #[command(flatten)]
     pub fields: FieldArgs,
+    #[command(flatten)]
+    pub artifacts: super::aam::BuildDirArgs,
 }
 
 pub fn run(cli: &Cli, a: &BitbakeLiveArgs) -> anyhow::Result<ExitCode> {
@@ -77,6 +81,7 @@ pub fn run(cli: &Cli, a: &BitbakeLiveArgs) -> anyhow::Result<ExitCode> {
     opts.task = a.task.clone();
     opts.listen = a.listen;
     opts.keep_observing = a.keep_observing;
+    let scanner = a.artifacts.scanner(cli.quiet)?;
     let rt = super::publish::runtime()?;
     rt.block_on(async {
         let (interrupter, interrupts) = interrupt_channel();
@@ -97,20 +102,29 @@ pub fn run(cli: &Cli, a: &BitbakeLiveArgs) -> anyhow::Result<ExitCode> {
             if failed.is_some() {
                 return;
             }
-            match publisher.as_mut() {
-                None => {
-                    let mut w = stdout.lock();
-                    let _ = w.write_all(&env.to_json()).and_then(|_| w.write_all(b"\n"));
-                }
-                Some(p) => {
-                    // Wait for the window here: the session stops draining its queue and
-                    // BitBake's event calls wait, instead of memory growing.
-                    let r = tokio::task::block_in_place(|| {
-                        handle.block_on(p.publish(Outgoing::from_envelope(&env), seq))
-                    });
-                    seq += 1;
-                    if let Err(e) = r {
-                        failed = Some(e.into());
+            // A finished build: its artifacts go right after it (the scan blocks this
+            // thread; the build is over by then).
+            let artifacts = match &scanner {
+                Some(s) => tokio::task::block_in_place(|| s.after(&env)),
+                None => Vec::new(),
+            };
+            for env in std::iter::once(env).chain(artifacts) {
+                match publisher.as_mut() {
+                    None => {
+                        let mut w = stdout.lock();
+                        let _ = w.write_all(&env.to_json()).and_then(|_| w.write_all(b"\n"));
+                    }
+                    Some(p) => {
+                        // Wait for the window here: the session stops draining its queue
+                        // and BitBake's event calls wait, instead of memory growing.
+                        let r = tokio::task::block_in_place(|| {
+                            handle.block_on(p.publish(Outgoing::from_envelope(&env), seq))
+                        });
+                        seq += 1;
+                        if let Err(e) = r {
+                            failed = Some(e.into());
+                            return;
+                        }
                     }
                 }
             }
@@ -136,12 +150,26 @@ pub fn run(cli: &Cli, a: &BitbakeLiveArgs) -> anyhow::Result<ExitCode> {
         for e in &report.errors {
             eprintln!("buildbus: error: {e}");
         }
+        let mut aam_failed = false;
+        if let Some(s) = &scanner {
+            let st = s.stats();
+            eprintln!(
+                "artifacts: {} finished builds scanned, {} artifacts, {} files skipped",
+                st.builds, st.artifacts, st.skipped
+            );
+            for e in &st.errors {
+                eprintln!("buildbus: error: artifacts: {e}");
+            }
+            aam_failed = !st.errors.is_empty();
+        }
         let command_failed = matches!(report.live.end, LiveEnd::CommandFailed { .. });
         eprintln!("{}: session ended: {:?}", a.server, report.live.end);
-        Ok(if report.errors.is_empty() && !command_failed {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        })
+        Ok(
+            if report.errors.is_empty() && !command_failed && !aam_failed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            },
+        )
     })
 }

@@ -1,7 +1,9 @@
 //! The `buildbus` command line: argument parsing, logging set-up and one module per
 //! subcommand. `anyhow` is used here and nowhere else in the library.
 
+mod aam;
 mod bench;
+mod bench_aam;
 mod bench_bes;
 mod bench_bitbake;
 mod bench_monitor;
@@ -58,6 +60,7 @@ pub enum Command {
     Demo(demo::DemoArgs),
     Query(query::QueryArgs),
     Bench(bench::BenchArgs),
+    Aam(aam::AamArgs),
 }
 
 /// The Pulse fields as flags (and `BUILDBUS_*` variables): they win over the config.
@@ -147,6 +150,7 @@ pub fn main() -> ExitCode {
         Command::Demo(a) => demo::run(&cli, a),
         Command::Query(a) => query::run(&cli, a),
         Command::Bench(a) => bench::run(&cli, a),
+        Command::Aam(a) => aam::run(&cli, a),
     };
     match result {
         Ok(code) => code,

@@ -24,6 +24,8 @@ Examples:
   buildbus publish --follow bep.json
   # Several files, fixed tree, no checkpoints
   buildbus publish --tree acme --no-checkpoint a.bin b.bin
+  # A BitBake build's events, then its artifacts (scanned when the build finishes)
+  buildbus publish --build-dir ~/poky/build ~/poky/build/tmp/log/build.eventlog
 
 A message counts as published only when the broker confirmed it. If the broker goes
 away, publishing waits, reconnects and resends what was not confirmed. A checkpoint per
@@ -61,6 +63,9 @@ pub struct PublishArgs {
 
     #[command(flatten)]
     pub fields: FieldArgs,
+
+    #[command(flatten)]
+    pub artifacts: super::aam::BuildDirArgs,
 
     /// Build-event files.
     #[arg(required = true, value_name = "FILE")]
@@ -110,6 +115,7 @@ pub fn publish(cli: &Cli, a: &PublishArgs) -> anyhow::Result<ExitCode> {
     let ctx = Arc::new(ctx);
     let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
     let stop = Arc::new(AtomicBool::new(false));
+    let scanner = a.artifacts.scanner(cli.quiet)?;
     let cp_dir = a
         .checkpoint_dir
         .clone()
@@ -136,6 +142,7 @@ pub fn publish(cli: &Cli, a: &PublishArgs) -> anyhow::Result<ExitCode> {
                     stop: stop.clone(),
                 }),
                 checkpoint: (!a.no_checkpoint).then(|| checkpoint::default_file(&cp_dir, path)),
+                artifacts: scanner.clone(),
             };
             let r = publish_file(&mut publisher, path, ctx.clone(), &opts, a.window).await?;
             for e in &r.stream.errors {
@@ -153,6 +160,17 @@ pub fn publish(cli: &Cli, a: &PublishArgs) -> anyhow::Result<ExitCode> {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
+        }
+        if let Some(s) = &scanner {
+            let st = s.stats();
+            eprintln!(
+                "artifacts: {} finished builds scanned, {} artifacts, {} files skipped",
+                st.builds, st.artifacts, st.skipped
+            );
+            for e in &st.errors {
+                eprintln!("buildbus: error: artifacts: {e}");
+            }
+            failed |= !st.errors.is_empty();
         }
         let (_, stats) = publisher.close().await?;
         if stats.reconnects > 0 {

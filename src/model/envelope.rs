@@ -312,6 +312,12 @@ pub struct ArtifactPayload {
     pub target: Option<String>,
     /// Fields a classification rule captured (machine, package, version, ...).
     pub fields: BTreeMap<String, String>,
+    /// Modification time (RFC 3339) of the file, when it was scanned (AAM).
+    #[serde(default)]
+    pub mtime: Option<String>,
+    /// For a symbolic link found by a scan: its target, as written in the link.
+    #[serde(default)]
+    pub symlink_target: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

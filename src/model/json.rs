@@ -414,6 +414,8 @@ fn artifact(out: &mut Vec<u8>, p: &ArtifactPayload) {
         sha256,
         target,
         fields,
+        mtime,
+        symlink_target,
     } = p;
     common(out, c);
     key(out, b",\"path\":");
@@ -430,6 +432,10 @@ fn artifact(out: &mut Vec<u8>, p: &ArtifactPayload) {
     opt_string(out, target.as_deref());
     key(out, b",\"fields\":");
     map(out, fields, |o, v| string(o, v));
+    key(out, b",\"mtime\":");
+    opt_string(out, mtime.as_deref());
+    key(out, b",\"symlink_target\":");
+    opt_string(out, symlink_target.as_deref());
     out.push(b'}');
 }
 
@@ -482,6 +488,41 @@ mod tests {
             string(&mut out, s);
             assert_eq!(out, serde(s), "{s:?}");
         }
+    }
+
+    /// A scanned artifact (every optional field set) is written as serde_json writes it.
+    #[test]
+    fn a_scanned_artifact_is_written_as_serde_json_writes_it() {
+        use crate::model::{Common, Payload, SourceMeta};
+        let p = ArtifactPayload {
+            common: Common {
+                build_id: "b1".into(),
+                system: "bitbake".into(),
+                tags: vec!["nightly".into()],
+                ..Common::default()
+            },
+            path: "deploy/images/qemux86-64/core-image-minimal.wic".into(),
+            uri: Some("file:///b/tmp/deploy/images/qemux86-64/core-image-minimal.wic".into()),
+            kind: "image".into(),
+            size: Some(123),
+            sha256: Some("ab".repeat(32)),
+            target: None,
+            fields: [("machine".to_string(), "qemux86-64".to_string())].into(),
+            mtime: Some("2026-11-21T12:00:00.000Z".into()),
+            symlink_target: Some("core-image-minimal-20261121.wic".into()),
+        };
+        let env = Envelope::new(
+            Payload::Artifact(p),
+            &["deploy/images/qemux86-64/core-image-minimal.wic"],
+            SourceMeta::default(),
+            "exchange/buildbus/v1",
+        );
+        let mut out = Vec::new();
+        envelope(&mut out, &env);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            serde_json::to_string(&env).unwrap()
+        );
     }
 
     proptest! {

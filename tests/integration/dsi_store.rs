@@ -281,6 +281,7 @@ on_both!(
     a_store_failure_mid_batch_writes_nothing,
     concurrent_writers_store_each_message_once,
     the_schema_is_created_once,
+    a_version_1_store_gets_the_artifact_columns,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -972,7 +973,7 @@ fn the_schema_is_created_once(b: Backend) {
             .map(|r| r.get(0))
             .collect(),
     };
-    assert_eq!(versions, [1]);
+    assert_eq!(versions, [1, 2]);
 
     // A newer schema is refused.
     db.exec(
@@ -1254,4 +1255,47 @@ fn query_cli_lists_and_shows_builds() {
         help.contains("Examples:") && help.contains("--since"),
         "{help}"
     );
+}
+
+/// A store created by a buildbus of schema version 1 (before the AAM) is migrated to
+/// version 2 when opened: scanned artifacts keep their mtime and link target.
+fn a_version_1_store_gets_the_artifact_columns(b: Backend) {
+    let db = Db::new(b);
+    db.exec(match b {
+        Backend::Sqlite => include_str!("../../schemas/sql/sqlite.sql"),
+        Backend::Postgres => include_str!("../../schemas/sql/postgres.sql"),
+    });
+    let mut st = db.open();
+    let artifact = buildbus::aam::Artifact {
+        path: "deploy/images/m/img.ext4".into(),
+        uri: "file:///b/tmp/deploy/images/m/img.ext4".into(),
+        kind: "image".into(),
+        fields: [("machine".to_string(), "m".to_string())].into(),
+        target: None,
+        size: Some(3),
+        mtime: Some("2025-11-21T04:40:00.123Z".into()),
+        sha256: Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".into()),
+        symlink_target: Some("img-1.ext4".into()),
+    };
+    let common = buildbus::model::Common {
+        build_id: "b-v1".into(),
+        system: "bitbake".into(),
+        ..Default::default()
+    };
+    let envs = buildbus::aam::envelopes(
+        &[artifact],
+        &common,
+        Default::default(),
+        buildbus::model::DEFAULT_EXCHANGE_PREFIX,
+    );
+    assert_eq!(st.write_batch(&envs).unwrap().new_messages, 1);
+    let d = st.query_build("b-v1").unwrap().expect("stored");
+    assert_eq!(d.artifacts.len(), 1);
+    let a = &d.artifacts[0];
+    assert_eq!(a.mtime.as_deref(), Some("2025-11-21T04:40:00.123Z"));
+    assert_eq!(a.symlink_target.as_deref(), Some("img-1.ext4"));
+    assert_eq!(a.fields["machine"], "m");
+    drop(st);
+    // Opening it again changes nothing.
+    assert_eq!(db.open().counts().unwrap().artifacts, 1);
 }

@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod aam;
 mod bazel;
 mod bes;
 mod bitbake;

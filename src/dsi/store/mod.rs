@@ -30,7 +30,7 @@ pub use self::postgres::PostgresStore;
 pub use self::sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 /// The schema version this buildbus creates and understands.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// A permanent record of build messages.
 ///
@@ -167,6 +167,10 @@ pub struct ArtifactRow {
     pub sha256: Option<String>,
     pub target: Option<String>,
     pub fields: BTreeMap<String, String>,
+    /// When the file was modified (artifacts a scan recorded).
+    pub mtime: Option<String>,
+    /// A scanned symbolic link's target.
+    pub symlink_target: Option<String>,
     pub timestamp: Option<String>,
     pub message_id: String,
 }
@@ -379,6 +383,8 @@ pub(crate) struct Msg<'a> {
     pub finished_at: Option<DateTime<Utc>>,
     /// An artifact's size, as the database's signed 64-bit integer.
     pub size: Option<i64>,
+    /// An artifact's `mtime`.
+    pub mtime: Option<DateTime<Utc>>,
 }
 
 impl<'a> Msg<'a> {
@@ -470,6 +476,7 @@ fn validate(env: &Envelope) -> Result<Msg<'_>, String> {
         started_at: None,
         finished_at: None,
         size: None,
+        mtime: None,
     };
     match &env.payload {
         Payload::Build(b) => {
@@ -481,6 +488,7 @@ fn validate(env: &Envelope) -> Result<Msg<'_>, String> {
             m.finished_at = ts("payload.finished_at", &t.finished_at)?;
         }
         Payload::Artifact(a) => {
+            m.mtime = ts("payload.mtime", &a.mtime)?;
             m.size = a
                 .size
                 .map(|s| {
@@ -676,6 +684,8 @@ pub(crate) const TABLES: [Table; 5] = [
             ("sha256", ColType::Text),
             ("target", ColType::Text),
             ("fields", ColType::Json),
+            ("mtime", ColType::Time),
+            ("symlink_target", ColType::Text),
         ],
     },
     Table {
@@ -777,6 +787,8 @@ pub(crate) fn row_values<'m>(m: &'m Msg<'_>) -> Vec<Val<'m>> {
             Text(a.sha256.as_deref()),
             Text(a.target.as_deref()),
             Json(json_text(&a.fields)),
+            Time(m.mtime),
+            Text(a.symlink_target.as_deref()),
         ]),
         Payload::Log(l) => v.extend([
             Text(Some(&c.build_id)),

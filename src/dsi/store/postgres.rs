@@ -32,14 +32,26 @@ use super::{
 };
 use crate::model::Envelope;
 
-/// The schema migrations, in order: (version, script). Version 1 creates everything.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/schemas/sql/postgres.sql"
-    )),
-)];
+/// The schema migrations, in order: (version, file, script). Version 1 creates
+/// everything; version 2 adds the artifact scanner's columns.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "schemas/sql/postgres.sql",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/schemas/sql/postgres.sql"
+        )),
+    ),
+    (
+        2,
+        "schemas/sql/postgres-v2.sql",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/schemas/sql/postgres-v2.sql"
+        )),
+    ),
+];
 
 /// The advisory lock that serializes schema creation ("buildbus" in ASCII).
 const SCHEMA_LOCK: i64 = 0x6275_696c_6462_7573;
@@ -266,14 +278,10 @@ fn migrate(client: &mut Client, name: &str) -> Result<(), StoreError> {
             found: version,
         });
     }
-    for (v, script) in MIGRATIONS {
+    for (v, file, script) in MIGRATIONS {
         if *v > version {
-            tx.batch_execute(script).map_err(|e| {
-                fail(
-                    &format!("creating schema version {v} (schemas/sql/postgres.sql)"),
-                    e,
-                )
-            })?;
+            tx.batch_execute(script)
+                .map_err(|e| fail(&format!("creating schema version {v} ({file})"), e))?;
         }
     }
     tx.commit().map_err(|e| fail("COMMIT (schema)", e))
@@ -675,7 +683,8 @@ impl Store for PostgresStore {
         for r in client
             .query(
                 "SELECT entity_id, build_id, path, uri, kind, size, sha256, target, \
-                 fields::text, \"timestamp\", message_id FROM artifacts WHERE build_id = $1 \
+                 fields::text, \"timestamp\", message_id, mtime, symlink_target \
+                 FROM artifacts WHERE build_id = $1 \
                  ORDER BY path COLLATE \"C\", entity_id COLLATE \"C\"",
                 &[&build_id],
             )
@@ -694,6 +703,8 @@ impl Store for PostgresStore {
                         sha256: r.try_get(6)?,
                         target: r.try_get(7)?,
                         fields: BTreeMap::new(),
+                        mtime: time_col(&r, 11)?,
+                        symlink_target: r.try_get(12)?,
                         timestamp: time_col(&r, 9)?,
                         message_id: r.try_get(10)?,
                     },

@@ -25,14 +25,26 @@ use super::{
 };
 use crate::model::Envelope;
 
-/// The schema migrations, in order: (version, script). Version 1 creates everything.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/schemas/sql/sqlite.sql"
-    )),
-)];
+/// The schema migrations, in order: (version, file, script). Version 1 creates
+/// everything; version 2 adds the artifact scanner's columns.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "schemas/sql/sqlite.sql",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/schemas/sql/sqlite.sql"
+        )),
+    ),
+    (
+        2,
+        "schemas/sql/sqlite-v2.sql",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/schemas/sql/sqlite-v2.sql"
+        )),
+    ),
+];
 
 /// SQLite's `synchronous` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -184,11 +196,10 @@ impl SqliteStore {
                 found: version,
             });
         }
-        for (v, script) in MIGRATIONS {
+        for (v, file, script) in MIGRATIONS {
             if *v > version {
-                tx.execute_batch(script).map_err(fail(&format!(
-                    "creating schema version {v} (schemas/sql/sqlite.sql)"
-                )))?;
+                tx.execute_batch(script)
+                    .map_err(fail(&format!("creating schema version {v} ({file})")))?;
             }
         }
         tx.commit().map_err(fail("COMMIT (schema)"))
@@ -472,7 +483,7 @@ impl Store for SqliteStore {
         let artifacts = collect(
             conn,
             "SELECT entity_id, build_id, path, uri, kind, size, sha256, target, fields, \
-             \"timestamp\", message_id FROM artifacts WHERE build_id = ?1 \
+             \"timestamp\", message_id, mtime, symlink_target FROM artifacts WHERE build_id = ?1 \
              ORDER BY path, entity_id",
             build_id,
             |r| {
@@ -492,6 +503,8 @@ impl Store for SqliteStore {
                     sha256: r.get(6)?,
                     target: r.get(7)?,
                     fields,
+                    mtime: r.get(11)?,
+                    symlink_target: r.get(12)?,
                     timestamp: r.get(9)?,
                     message_id: r.get(10)?,
                 }))

@@ -550,6 +550,8 @@ impl BazelTranslator {
             sha256: sha256_of(f),
             target: target.map(str::to_string),
             fields: BTreeMap::new(),
+            mtime: None,
+            symlink_target: None,
         })
     }
 

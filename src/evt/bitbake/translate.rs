@@ -54,8 +54,9 @@ pub const METADATA_VARS: [&str; 8] = [
     "BUILDNAME",
 ];
 
-/// Variables other parts need later (the artifact scanner's deploy directory).
-const OTHER_VARS: [&str; 3] = ["DEPLOY_DIR_IMAGE", "TMPDIR", "TOPDIR"];
+/// Variables the artifact scanner (`aam`) needs to find the build's deploy directory;
+/// also copied into a build's `metadata`, so the `finished` message carries them.
+pub const DEPLOY_VARS: [&str; 4] = ["DEPLOY_DIR", "DEPLOY_DIR_IMAGE", "TMPDIR", "TOPDIR"];
 
 /// Whether the translator reads events of this class (by its last name). The event-log
 /// reader does not even decode the pickles of the others (parse progress, recipe
@@ -275,7 +276,7 @@ impl BitbakeTranslator {
         let rules = self.ctx.rules(SYSTEM);
         let mut out: BTreeSet<String> = METADATA_VARS
             .iter()
-            .chain(OTHER_VARS.iter())
+            .chain(DEPLOY_VARS.iter())
             .map(|s| s.to_string())
             .collect();
         for r in rules
@@ -414,6 +415,7 @@ impl BitbakeTranslator {
         let r = &self.ctx.redactor;
         let mut metadata: BTreeMap<String, String> = METADATA_VARS
             .iter()
+            .chain(DEPLOY_VARS.iter())
             .filter_map(|k| c.vars.get(*k).map(|v| (k.to_string(), r.keyed(k, v))))
             .collect();
         for l in &c.layers {
