@@ -27,6 +27,8 @@ Examples:
       --bes_header=Authorization=\"Bearer $TOKEN\" --tls_certificate=ca.pem
   # Print the messages instead of publishing them
   buildbus bes --print
+  # Also scan the workspace's bazel-bin/bazel-testlogs when each build finishes
+  buildbus bes --build-dir ~/src/myrepo
 
 Each event is acknowledged to Bazel only once every message derived from it (and from
 all events before it) is confirmed by the broker; while the broker is away acks wait
@@ -85,6 +87,8 @@ pub struct BesArgs {
     )]
     pub auth_header: Option<String>,
     #[command(flatten)]
+    pub artifacts: super::aam::BuildDirArgs,
+    #[command(flatten)]
     pub fields: FieldArgs,
 }
 
@@ -128,6 +132,9 @@ pub fn run(cli: &Cli, a: &BesArgs) -> anyhow::Result<ExitCode> {
         let cert = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
         let key = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
         bcfg.tls = Some((cert, key));
+    }
+    if let Some(scanner) = a.artifacts.scanner(cli.quiet)? {
+        bcfg.on_finished = Some(Arc::new(move |env| scanner.after(env)));
     }
     if !matches!(bcfg.auth, Auth::None) && bcfg.tls.is_none() && !a.listen.ip().is_loopback() {
         tracing::warn!("credentials are checked without TLS on a non-loopback address");

@@ -520,7 +520,8 @@ fn real_bazel_streams_to_the_backend() {
     copy_tree(&fixture("bazel/workspace"), &ws);
     let spool = work.path().join("spool");
     let port = free_port();
-    let mut backend = spawn_backend(port, &url, &spool, &[]);
+    let ws_arg = ws.display().to_string();
+    let mut backend = spawn_backend(port, &url, &spool, &["--build-dir", &ws_arg]);
     let run = |args: &[&str], json: &Path| {
         Command::new(bazel)
             .env_clear()
@@ -568,10 +569,35 @@ fn real_bazel_streams_to_the_backend() {
         "a failing build exits 1, not 38/45: {}",
         String::from_utf8_lossy(&fail.stderr)
     );
-    let got = distinct(envelopes(&rt().block_on(drain(&url, DSI_QUEUE))));
+    let all = distinct(envelopes(&rt().block_on(drain(&url, DSI_QUEUE))));
+    // Artifacts the AAM scanned (`--build-dir`) have an mtime; the rest is the EVT's.
+    let (scanned, got): (BTreeMap<_, _>, BTreeMap<_, _>) = all.into_iter().partition(
+        |(_, m)| matches!(&m.payload, Payload::Artifact(a) if a.mtime.is_some()),
+    );
     let mut want = translate(&ok_json).0;
+    let ok_build = want[0].payload.common().build_id.clone();
     want.extend(translate(&fail_json).0);
     same_messages(&got, &want);
+    // The successful build's outputs, scanned in bazel-bin and hashed, under its id.
+    let hello: Vec<_> = scanned
+        .values()
+        .filter_map(|m| match &m.payload {
+            Payload::Artifact(a) if a.common.build_id == ok_build => Some(a),
+            _ => None,
+        })
+        .filter(|a| a.path.ends_with("app/hello.sh") || a.path.ends_with("app/config.txt"))
+        .collect();
+    assert!(!hello.is_empty(), "scanned artifacts of {ok_build}: {scanned:?}");
+    for a in hello {
+        let on_disk = std::fs::read(ws.join(&a.path)).or_else(|_| {
+            std::fs::read(ws.join("bazel-bin").join(a.path.trim_start_matches("bazel-bin/")))
+        });
+        let bytes = on_disk.unwrap_or_else(|e| panic!("{}: {e}", a.path));
+        use sha2::Digest;
+        let want_sha = hex::encode(sha2::Sha256::digest(&bytes));
+        assert_eq!(a.sha256.as_deref(), Some(want_sha.as_str()), "{}", a.path);
+        assert_eq!(a.size, Some(bytes.len() as u64));
+    }
     let results: BTreeSet<String> = got
         .values()
         .filter_map(|m| match &m.payload {

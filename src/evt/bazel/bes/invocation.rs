@@ -481,14 +481,19 @@ impl Invocation {
     }
 
     async fn publish(&mut self, messages: Vec<Envelope>) -> Result<(), BusError> {
-        let extra = match &self.shared.on_finished {
-            Some(hook) => messages
-                .iter()
-                .filter(|m| is_finished_build(m))
-                .flat_map(|m| hook(m))
-                .collect(),
-            None => Vec::new(),
-        };
+        let mut extra = Vec::new();
+        if let Some(hook) = &self.shared.on_finished {
+            for m in messages.iter().filter(|m| is_finished_build(m)) {
+                // The hook scans the build directory (blocking file I/O and hashing).
+                let (hook, finished) = (Arc::clone(hook), m.clone());
+                match tokio::task::spawn_blocking(move || hook(&finished)).await {
+                    Ok(more) => extra.extend(more),
+                    Err(e) => {
+                        tracing::error!("invocation {}: the artifact scan failed: {e}", self.id)
+                    }
+                }
+            }
+        }
         for env in messages.into_iter().chain(extra) {
             let token = self.emitted;
             self.emitted += 1;
