@@ -340,9 +340,24 @@ pub fn run(cli: &Cli, a: &MonitorArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("a runtime for signals")?;
+    // One listener each for the whole run: a signal that arrives while no listener
+    // exists is lost, so they must not be re-created per loop turn.
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut int, mut term) = rt.block_on(async {
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
+    });
+    async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+        match s.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
     let interrupted = rt.block_on(async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let mut shown: Option<String> = None;
         loop {
             let q = monitor.queue();
@@ -354,8 +369,8 @@ pub fn run(cli: &Cli, a: &MonitorArgs) -> anyhow::Result<ExitCode> {
                 return false;
             }
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => return true,
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => return true,
+                _ = next(&mut int) => return true,
+                _ = next(&mut term) => return true,
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
@@ -366,7 +381,7 @@ pub fn run(cli: &Cli, a: &MonitorArgs) -> anyhow::Result<ExitCode> {
         rt.block_on(async {
             loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => std::process::exit(130),
+                    _ = next(&mut int) => std::process::exit(130),
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {
                         if !monitor.is_alive() { return; }
                     }

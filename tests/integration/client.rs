@@ -957,16 +957,21 @@ impl CliMonitor {
     /// Waits for the exit; gives the status, stdout and stderr.
     fn finish(mut self) -> (std::process::ExitStatus, String, String) {
         use std::io::Read;
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
+        // Read stdout on the side: a monitor that does not exit must fail the test,
+        // not hang it.
+        let mut pipe = self.child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut out = String::new();
+            let _ = pipe.read_to_string(&mut out);
+            out
+        });
         let ok = wait_until(30, || self.child.try_wait().unwrap().is_some());
+        if !ok {
+            let _ = self.child.kill();
+        }
         assert!(ok, "monitor exits: {}", self.stderr());
         let status = self.child.wait().unwrap();
+        let out = reader.join().unwrap();
         std::thread::sleep(Duration::from_millis(100));
         (status, out, self.stderr())
     }
