@@ -571,9 +571,9 @@ fn real_bazel_streams_to_the_backend() {
     );
     let all = distinct(envelopes(&rt().block_on(drain(&url, DSI_QUEUE))));
     // Artifacts the AAM scanned (`--build-dir`) have an mtime; the rest is the EVT's.
-    let (scanned, got): (BTreeMap<_, _>, BTreeMap<_, _>) = all.into_iter().partition(
-        |(_, m)| matches!(&m.payload, Payload::Artifact(a) if a.mtime.is_some()),
-    );
+    let (scanned, got): (BTreeMap<_, _>, BTreeMap<_, _>) = all
+        .into_iter()
+        .partition(|(_, m)| matches!(&m.payload, Payload::Artifact(a) if a.mtime.is_some()));
     let mut want = translate(&ok_json).0;
     let ok_build = want[0].payload.common().build_id.clone();
     want.extend(translate(&fail_json).0);
@@ -587,10 +587,16 @@ fn real_bazel_streams_to_the_backend() {
         })
         .filter(|a| a.path.ends_with("app/hello.sh") || a.path.ends_with("app/config.txt"))
         .collect();
-    assert!(!hello.is_empty(), "scanned artifacts of {ok_build}: {scanned:?}");
+    assert!(
+        !hello.is_empty(),
+        "scanned artifacts of {ok_build}: {scanned:?}"
+    );
     for a in hello {
         let on_disk = std::fs::read(ws.join(&a.path)).or_else(|_| {
-            std::fs::read(ws.join("bazel-bin").join(a.path.trim_start_matches("bazel-bin/")))
+            std::fs::read(
+                ws.join("bazel-bin")
+                    .join(a.path.trim_start_matches("bazel-bin/")),
+            )
         });
         let bytes = on_disk.unwrap_or_else(|e| panic!("{}: {e}", a.path));
         use sha2::Digest;
