@@ -240,3 +240,19 @@ fn table(w: &mut impl Write, artifacts: &[aam::Artifact]) -> std::io::Result<()>
     }
     Ok(())
 }
+
+/// Prints what a `--build-dir` scanner did; true when a scan failed as a whole.
+pub(crate) fn report_scans(scanner: Option<&BuildScanner>) -> bool {
+    let Some(s) = scanner else {
+        return false;
+    };
+    let st = s.stats();
+    eprintln!(
+        "artifacts: {} finished builds scanned, {} artifacts, {} files skipped",
+        st.builds, st.artifacts, st.skipped
+    );
+    for e in &st.errors {
+        eprintln!("buildbus: error: artifacts: {e}");
+    }
+    !st.errors.is_empty()
+}

@@ -150,18 +150,7 @@ pub fn run(cli: &Cli, a: &BitbakeLiveArgs) -> anyhow::Result<ExitCode> {
         for e in &report.errors {
             eprintln!("buildbus: error: {e}");
         }
-        let mut aam_failed = false;
-        if let Some(s) = &scanner {
-            let st = s.stats();
-            eprintln!(
-                "artifacts: {} finished builds scanned, {} artifacts, {} files skipped",
-                st.builds, st.artifacts, st.skipped
-            );
-            for e in &st.errors {
-                eprintln!("buildbus: error: artifacts: {e}");
-            }
-            aam_failed = !st.errors.is_empty();
-        }
+        let aam_failed = super::aam::report_scans(scanner.as_deref());
         let command_failed = matches!(report.live.end, LiveEnd::CommandFailed { .. });
         eprintln!("{}: session ended: {:?}", a.server, report.live.end);
         Ok(

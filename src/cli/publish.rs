@@ -161,17 +161,7 @@ pub fn publish(cli: &Cli, a: &PublishArgs) -> anyhow::Result<ExitCode> {
                 break;
             }
         }
-        if let Some(s) = &scanner {
-            let st = s.stats();
-            eprintln!(
-                "artifacts: {} finished builds scanned, {} artifacts, {} files skipped",
-                st.builds, st.artifacts, st.skipped
-            );
-            for e in &st.errors {
-                eprintln!("buildbus: error: artifacts: {e}");
-            }
-            failed |= !st.errors.is_empty();
-        }
+        failed |= super::aam::report_scans(scanner.as_deref());
         let (_, stats) = publisher.close().await?;
         if stats.reconnects > 0 {
             eprintln!(

@@ -10,15 +10,14 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime};
 
 use buildbus::aam::{self, Artifact, Rules, Scan, ScanOptions};
 use buildbus::bus::topology::DSI_QUEUE;
 use buildbus::dsi::store::ArtifactRow;
-use buildbus::dsi::worker::{run_pool, DsiConfig, DsiStats};
-use buildbus::model::{Envelope, Payload, DEFAULT_EXCHANGE_PREFIX};
+use buildbus::model::{Envelope, Payload};
 use sha2::{Digest, Sha256};
 
 use crate::harness::*;
@@ -115,6 +114,18 @@ struct YoctoTree {
     skipped: BTreeMap<PathBuf, &'static str>,
     /// The mtime set on the root file system image.
     image_mtime: SystemTime,
+}
+
+impl YoctoTree {
+    /// The image's mtime as an artifact message gives it.
+    fn image_mtime_rfc3339(&self) -> Option<String> {
+        let ms = self
+            .image_mtime
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        buildbus::model::time::from_millis(ms)
+    }
 }
 
 /// A Yocto-like build directory under `top`: `build/conf`, `build/tmp/work` (not an
@@ -477,16 +488,7 @@ fn a_yocto_build_dir_is_classified_and_hashed_exactly() {
         .iter()
         .find(|a| a.path.ends_with(".rootfs.ext4"))
         .unwrap();
-    let ms = t
-        .image_mtime
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    assert_eq!(
-        rootfs.mtime,
-        buildbus::model::time::from_millis(ms),
-        "mtime of the image"
-    );
+    assert_eq!(rootfs.mtime, t.image_mtime_rfc3339(), "mtime of the image");
     assert_eq!(
         rootfs.uri,
         format!(
@@ -853,30 +855,10 @@ fn the_cli_prints_a_table_and_valid_messages_with_stable_ids() {
 // ---------------------------------------------------------------------------------------
 // Through the EVT, the bus and the DSI
 
-/// Runs an in-process DSI pool on `store` until it holds `want` messages (or 60 s).
+/// Runs an in-process DSI pool on `store` until it holds `want` messages; nothing may
+/// be dead-lettered.
 fn store_all(url: &str, store: &str, want: u64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(DsiStats::default());
-    let cfg = DsiConfig {
-        url: url.to_string(),
-        exchange_prefix: DEFAULT_EXCHANGE_PREFIX.to_string(),
-        store_url: store.to_string(),
-        workers: 1,
-        prefetch: 200,
-        batch: 100,
-        batch_wait: Duration::from_millis(20),
-    };
-    let rt = rt();
-    let pool = rt.spawn(run_pool(cfg, stop.clone(), stats.clone()));
-    let ok = wait_until(60, || stats.stored.load(Ordering::Relaxed) >= want);
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    rt.block_on(pool).expect("pool task").expect("pool");
-    assert!(
-        ok,
-        "stored {} of {want}",
-        stats.stored.load(Ordering::Relaxed)
-    );
+    let stats = crate::pipeline::run_dsi_until(url, store, 1, want);
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
 }
 
@@ -1009,16 +991,7 @@ fn a_finished_bitbake_builds_artifacts_are_stored_under_that_build() {
             .iter()
             .find(|r| r.path.ends_with(".rootfs.ext4"))
             .unwrap();
-        let ms = t
-            .image_mtime
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
-        assert_eq!(
-            rootfs.mtime,
-            buildbus::model::time::from_millis(ms),
-            "{store}"
-        );
+        assert_eq!(rootfs.mtime, t.image_mtime_rfc3339(), "{store}");
         assert!(rows.iter().all(|r| r.build_id == build_id));
     }
 }
