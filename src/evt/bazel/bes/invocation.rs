@@ -124,8 +124,13 @@ pub struct Invocation {
     /// (sequence number, messages emitted once it was translated), for points where
     /// nothing was held back.
     marks: VecDeque<(i64, u64)>,
-    /// Every sequence number up to this one may be acknowledged.
+    /// Every sequence number up to this one is confirmed (messages) ...
     durable: i64,
+    /// ... and up to this one also synced in the spool: acks go up to here.
+    synced: i64,
+    /// Spool syncs are grouped: at most one per [`SYNC_EVERY`].
+    last_sync: Instant,
+    sync_due: Option<Instant>,
     /// The sequence number of `componentStreamFinished`, once translated.
     finished_seq: Option<i64>,
     stream: Option<Attached>,
@@ -180,6 +185,9 @@ impl Invocation {
             confirmed: 0,
             marks: VecDeque::new(),
             durable: 0,
+            synced: 0,
+            last_sync: Instant::now(),
+            sync_due: None,
             finished_seq: None,
             stream: None,
             spool: None,
@@ -235,6 +243,7 @@ impl Invocation {
             }
             self.next_seq = first_seq;
             self.durable = first_seq - 1;
+            self.synced = first_seq - 1;
         }
         match spool.create(&self.id, &records) {
             Ok(f) => self.spool = Some(f),
@@ -246,6 +255,7 @@ impl Invocation {
         enum Step {
             Cmd(Option<Cmd>),
             Confirmed(Result<Vec<u64>, BusError>),
+            Sync,
             Tick,
         }
         loop {
@@ -266,6 +276,7 @@ impl Invocation {
             let step = tokio::select! {
                 c = rx.recv() => Step::Cmd(c),
                 r = confirmed(&mut self.out), if busy => Step::Confirmed(r),
+                _ = sleep_until_some(self.sync_due) => Step::Sync,
                 _ = tokio::time::sleep_until(deadline) => Step::Tick,
             };
             match step {
@@ -286,6 +297,10 @@ impl Invocation {
                 Step::Confirmed(Err(e)) => {
                     tracing::error!("invocation {}: publishing failed: {e}", self.id);
                     break;
+                }
+                Step::Sync => {
+                    self.sync_spool();
+                    self.send_acks();
                 }
                 Step::Tick if done => break,
                 Step::Tick => {
@@ -324,7 +339,7 @@ impl Invocation {
 
     /// The stream finished and everything is acknowledgeable.
     fn done(&self) -> bool {
-        self.finished_seq.is_some_and(|f| self.durable >= f) && self.unconfirmed() == 0
+        self.finished_seq.is_some_and(|f| self.ackable() >= f) && self.unconfirmed() == 0
     }
 
     async fn handle(&mut self, c: Cmd) -> Result<(), BusError> {
@@ -534,18 +549,43 @@ impl Invocation {
             self.durable = self.durable.max(seq);
             self.marks.pop_front();
         }
-        if self.durable > before {
-            if let Some(spool) = self.spool.as_mut() {
-                if let Err(e) = spool.sync() {
-                    tracing::error!("invocation {}: spool sync failed: {e}", self.id);
-                }
+        if self.durable > before && self.spool.is_some() {
+            // Group commit: sync now if the last sync is old enough, else soon.
+            if self.last_sync.elapsed() >= SYNC_EVERY {
+                self.sync_spool();
+            } else if self.sync_due.is_none() {
+                self.sync_due = Some(self.last_sync + SYNC_EVERY);
             }
         }
         self.send_acks();
     }
 
+    /// Makes the spool durable up to `durable`, so acks may go that far.
+    fn sync_spool(&mut self) {
+        self.sync_due = None;
+        self.last_sync = Instant::now();
+        if let Some(spool) = self.spool.as_mut() {
+            if let Err(e) = spool.sync() {
+                // Acks still need the broker's confirms; only a restart's context is
+                // at stake. Go on without the spool rather than stall the build.
+                tracing::error!("invocation {}: spool sync failed: {e}; spool off", self.id);
+                self.spool = None;
+            }
+        }
+        self.synced = self.durable;
+    }
+
+    /// Acks may go up to here: confirmed, and (with a spool) synced.
+    fn ackable(&self) -> i64 {
+        if self.spool.is_some() {
+            self.durable.min(self.synced)
+        } else {
+            self.durable
+        }
+    }
+
     fn send_acks(&mut self) {
-        let durable = self.durable;
+        let durable = self.ackable();
         let gap = self.early.keys().next().copied();
         let next_seq = self.next_seq;
         let Some(st) = self.stream.as_mut() else {
@@ -639,6 +679,16 @@ async fn confirmed(out: &mut Out) -> Result<Vec<u64>, BusError> {
     match out {
         Out::Broker(p) => p.confirmed().await,
         Out::Print | Out::Closed => std::future::pending().await,
+    }
+}
+
+/// Spool syncs are at most this often (acks wait for the next one).
+pub const SYNC_EVERY: Duration = Duration::from_millis(10);
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
