@@ -1,7 +1,8 @@
 //! `buildbus demo`: the whole pipeline on this machine, on the bundled real streams.
 //!
 //! Starts a private RabbitMQ node (own port and folder), publishes every bundled Bazel
-//! and BitBake stream with confirms, runs a pool of DSI workers into a demo SQLite file until every
+//! and BitBake stream with confirms, replays two recorded live Bazel sessions against the
+//! BES backend (acks only after the broker confirmed), runs a pool of DSI workers into a demo SQLite file until every
 //! message is stored, runs a filtered monitor (finished builds and test summaries of one
 //! tree and platform) alongside, prints `query builds` and one build in detail, and stops
 //! the node.
@@ -20,6 +21,7 @@ use crate::bus::publish::{Publisher, PublisherConfig};
 use crate::bus::source::{publish_file, FileOptions};
 use crate::client::MonitorBuilder;
 use crate::dsi::worker::{run_pool, DsiConfig, DsiStats};
+use crate::evt::bazel::bes::{self, capture, BesConfig};
 use crate::infra::rabbitmq::RabbitNode;
 
 const EXAMPLES: &str = "\
@@ -140,6 +142,37 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
         p.close().await?;
         anyhow::Ok(total)
     })?;
+    // Live Bazel: recorded BES sessions (a test run with a flaky and a failing test,
+    // and a build whose stream Bazel retried) played against our BES backend.
+    let bes_messages = rt.block_on(async {
+        let mut bcfg = BesConfig::new(
+            "127.0.0.1:0".parse()?,
+            Some(PublisherConfig::new(&url, &cfg.bus.exchange_prefix)),
+        );
+        bcfg.spool = Some(a.dir.join("bes-spool"));
+        let backend = bes::start(bcfg, ctx.clone()).await?;
+        step(t, &format!("BES backend listening on {}", backend.addr));
+        let mut total = 0u64;
+        for f in ["bazel/bes_capture_test.jsonl", "bazel/bes_capture_retry.jsonl"] {
+            let path = a.fixtures.join(f);
+            let calls = capture::read_capture(&path)?;
+            let expected = capture::translate(&calls, ctx.clone()).len() as u64;
+            let r = capture::replay(&format!("http://{}", backend.addr), calls, &vec![]).await?;
+            step(
+                t,
+                &format!(
+                    "BES: replayed {} ({} streams, {} requests, all acked: {expected} messages confirmed)",
+                    path.display(),
+                    r.streams,
+                    r.requests
+                ),
+            );
+            total += expected;
+        }
+        backend.stop().await?;
+        anyhow::Ok(total)
+    })?;
+    let published = published + bes_messages;
     step(
         t,
         &format!("running {} DSI workers into {store}", a.workers),

@@ -16,10 +16,9 @@ use buildbus::evt::bazel::bes::capture::{self, Call};
 use buildbus::evt::bazel::bes::proto::v1::publish_build_event_client::PublishBuildEventClient;
 use buildbus::evt::bazel::bes::proto::v1::PublishBuildToolEventStreamRequest;
 use buildbus::evt::bazel::bes::{self, Auth, BesConfig};
-use buildbus::evt::bazel::BazelTranslator;
-use buildbus::evt::{Context, Translator};
+use buildbus::evt::Context;
 use buildbus::infra::rabbitmq::RabbitNode;
-use buildbus::model::{Envelope, Payload, SourceMeta, DEFAULT_EXCHANGE_PREFIX};
+use buildbus::model::{Envelope, Payload, DEFAULT_EXCHANGE_PREFIX};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
@@ -80,13 +79,7 @@ fn same_messages(got: &BTreeMap<String, Envelope>, want: &[Envelope]) {
 
 /// What the file translator makes of a capture's Bazel events.
 fn translate_events(calls: &[Call]) -> Vec<Envelope> {
-    let mut tr = BazelTranslator::new(ctx(), SourceMeta::default());
-    let mut out = Vec::new();
-    for ev in capture::bazel_events(calls) {
-        tr.event(ev, &mut |e| out.push(e));
-    }
-    tr.finish(&mut |e| out.push(e));
-    out
+    capture::translate(calls, ctx())
 }
 
 fn build_of(msgs: &BTreeMap<String, Envelope>, finished: bool) -> &buildbus::model::BuildPayload {

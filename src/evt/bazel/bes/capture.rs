@@ -161,6 +161,22 @@ pub fn bazel_events(calls: &[Call]) -> Vec<BepEvent> {
     by_seq.into_values().collect()
 }
 
+/// What the file translator makes of a capture's Bazel events: the messages a backend
+/// should publish for it (build metadata aside, which the BES adds `bes.*` facts to).
+pub fn translate(
+    calls: &[Call],
+    ctx: std::sync::Arc<crate::evt::Context>,
+) -> Vec<crate::model::Envelope> {
+    use crate::evt::Translator;
+    let mut tr = crate::evt::bazel::BazelTranslator::new(ctx, crate::model::SourceMeta::default());
+    let mut out = Vec::new();
+    for ev in bazel_events(calls) {
+        tr.event(ev, &mut |e| out.push(e));
+    }
+    tr.finish(&mut |e| out.push(e));
+    out
+}
+
 /// How a replay went.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayReport {
