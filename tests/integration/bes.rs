@@ -206,8 +206,35 @@ fn retried_shuffled_and_repeated_streams_give_each_message_once() {
         // Same messages as the straight stream (the invocation id is not in them:
         // the build id comes from the BEP `started` event).
         same_messages(&got, &want);
-        let stats = backend.finished();
-        let _ = stats;
+        backend.stop().await.unwrap();
+    });
+}
+
+/// Several invocations at once: two recorded sessions streamed concurrently each give
+/// their own build's messages.
+#[test]
+fn concurrent_invocations_stay_apart() {
+    let (url, _) = vhost("bes-concurrent");
+    let spool = tempdir();
+    rt().block_on(async {
+        let backend = bes::start(backend_cfg(&url, spool.path()), ctx())
+            .await
+            .unwrap();
+        let addr = http(backend.addr);
+        let a = capture::read_capture(&fixture("bazel/bes_capture.jsonl")).unwrap();
+        let b = capture::read_capture(&fixture("bazel/bes_capture_test.jsonl")).unwrap();
+        let (want_a, want_b) = (translate_events(&a), translate_events(&b));
+        let none = vec![];
+        let (ra, rb) = tokio::join!(
+            capture::replay(&addr, a, &none),
+            capture::replay(&addr, b, &none)
+        );
+        assert_eq!(ra.unwrap().acks, 30);
+        assert!(rb.unwrap().acks > 30);
+        let got = distinct(envelopes(&drain(&url, DSI_QUEUE).await));
+        let mut want = want_a;
+        want.extend(want_b);
+        same_messages(&got, &want);
         backend.stop().await.unwrap();
     });
 }
@@ -336,6 +363,21 @@ fn free_port() -> u16 {
 }
 
 fn spawn_backend(port: u16, url: &str, spool: &Path, extra: &[&str]) -> Child {
+    spawn_backend_logged(port, url, spool, extra, None)
+}
+
+/// `buildbus bes` as its own process; with `log`, at info level into that file.
+fn spawn_backend_logged(
+    port: u16,
+    url: &str,
+    spool: &Path,
+    extra: &[&str],
+    log: Option<&Path>,
+) -> Child {
+    let stderr = match log {
+        Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
+        None => Stdio::null(),
+    };
     let child = Command::new(env!("CARGO_BIN_EXE_buildbus"))
         .args([
             "bes",
@@ -347,8 +389,9 @@ fn spawn_backend(port: u16, url: &str, spool: &Path, extra: &[&str]) -> Child {
         .arg("--spool")
         .arg(spool)
         .args(extra)
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("buildbus bes");
     let up = wait_until(20, || {
@@ -453,9 +496,30 @@ fn auth_and_tls() {
         let got = distinct(envelopes(&drain(&url, DSI_QUEUE).await));
         same_messages(&got, &clean("bazel/bes_capture.bep.json"));
         // Plain text to a TLS backend does not get through.
-        assert!(capture::replay(&http(backend.addr), calls, &headers)
+        assert!(
+            capture::replay(&http(backend.addr), calls.clone(), &headers)
+                .await
+                .is_err()
+        );
+        backend.stop().await.unwrap();
+
+        // A header check (`--auth-header x-api-key=...`, Bazel's --bes_header).
+        let mut cfg = backend_cfg(&url, spool.path());
+        cfg.auth = Auth::Header {
+            name: "x-api-key".into(),
+            value: "k3y".into(),
+        };
+        let backend = bes::start(cfg, ctx()).await.unwrap();
+        let wrong = vec![("x-api-key".to_string(), "nope".to_string())];
+        let err = capture::replay(&http(backend.addr), calls.clone(), &wrong)
             .await
-            .is_err());
+            .unwrap_err();
+        assert!(err.to_string().contains("Unauthenticated"), "{err}");
+        let right = vec![("x-api-key".to_string(), "k3y".to_string())];
+        let r = capture::replay(&http(backend.addr), calls, &right)
+            .await
+            .expect("with the key");
+        assert_eq!(r.acks, 30);
         backend.stop().await.unwrap();
     });
 }
@@ -503,10 +567,7 @@ fn a_silent_stream_ends_the_build_as_incomplete() {
 /// what was published equals the translation of the JSON file.
 #[test]
 fn real_bazel_streams_to_the_backend() {
-    let bazel = ["/usr/bin/bazel-4", "/usr/bin/bazel"]
-        .into_iter()
-        .find(|b| Path::new(b).exists())
-        .expect("bazel-bootstrap is installed (scripts/ensure-deps.sh)");
+    let bazel = bazel_binary();
     let (url, _) = vhost("bes-real-bazel");
     let work = tempdir();
     let ws = work.path().join("ws");
@@ -516,16 +577,7 @@ fn real_bazel_streams_to_the_backend() {
     let ws_arg = ws.display().to_string();
     let mut backend = spawn_backend(port, &url, &spool, &["--build-dir", &ws_arg]);
     let run = |args: &[&str], json: &Path| {
-        Command::new(bazel)
-            .env_clear()
-            .env("HOME", work.path())
-            .env("PATH", "/usr/bin:/bin")
-            .env("LANG", "C.UTF-8")
-            .current_dir(&ws)
-            .arg(format!(
-                "--output_user_root={}",
-                work.path().join("root").display()
-            ))
+        bazel_command(bazel, work.path(), &ws)
             .args(args)
             .arg(format!("--bes_backend=grpc://127.0.0.1:{port}"))
             .arg(format!("--build_event_json_file={}", json.display()))
@@ -537,15 +589,7 @@ fn real_bazel_streams_to_the_backend() {
     let ok = run(&["build", "//app/..."], &ok_json);
     let fail_json = work.path().join("fail.json");
     let fail = run(&["build", "-k", "//broken:fails"], &fail_json);
-    let _ = Command::new(bazel)
-        .env_clear()
-        .env("HOME", work.path())
-        .env("PATH", "/usr/bin:/bin")
-        .current_dir(&ws)
-        .arg(format!(
-            "--output_user_root={}",
-            work.path().join("root").display()
-        ))
+    let _ = bazel_command(bazel, work.path(), &ws)
         .arg("shutdown")
         .output();
     backend.kill().unwrap();
@@ -608,6 +652,99 @@ fn real_bazel_streams_to_the_backend() {
         results,
         BTreeSet::from(["success".to_string(), "failure".to_string()])
     );
+}
+
+/// Real Bazel, backend killed mid-build: a 6 s genrule keeps the build going while the
+/// backend is killed with SIGKILL and started again on the same port. Bazel retries
+/// (a new stream from its first unacked event), the build exits 0, and what was
+/// published equals the translation of its JSON file.
+#[test]
+fn real_bazel_survives_a_backend_restart() {
+    let bazel = bazel_binary();
+    let (url, _) = vhost("bes-real-restart");
+    let work = tempdir();
+    let ws = work.path().join("ws");
+    copy_tree(&fixture("bazel/workspace"), &ws);
+    std::fs::create_dir_all(ws.join("wait")).unwrap();
+    std::fs::write(
+        ws.join("wait/BUILD"),
+        "genrule(name = \"six\", outs = [\"six.txt\"], cmd = \"sleep 6 && echo ok > $@\")\n",
+    )
+    .unwrap();
+    let spool = work.path().join("spool");
+    let port = free_port();
+    let mut backend = spawn_backend(port, &url, &spool, &[]);
+    let json = work.path().join("wait.json");
+    let build = bazel_command(bazel, work.path(), &ws)
+        .args(["build", "//wait:six", "//app/..."])
+        .arg(format!("--bes_backend=grpc://127.0.0.1:{port}"))
+        .arg(format!("--build_event_json_file={}", json.display()))
+        .arg("--bes_timeout=120s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bazel");
+    // Kill the backend once the build is under way (its spool has the invocation).
+    let has_spool = || {
+        std::fs::read_dir(&spool)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .any(|e| e.path().extension().is_some_and(|x| x == "spool"))
+            })
+            .unwrap_or(false)
+    };
+    assert!(
+        wait_until(60, has_spool),
+        "the build's stream reached the backend"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    backend.kill().unwrap();
+    backend.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let log = work.path().join("second-backend.log");
+    let mut again = spawn_backend_logged(port, &url, &spool, &[], Some(&log));
+    let out = build.wait_with_output().expect("bazel finishes");
+    let _ = bazel_command(bazel, work.path(), &ws)
+        .arg("shutdown")
+        .output();
+    again.kill().unwrap();
+    again.wait().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Bazel's retry reached the new backend mid-stream, which replayed its spool.
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("resuming at sequence number") && log.contains("spooled events"),
+        "{log}"
+    );
+    let got = distinct(envelopes(&rt().block_on(drain(&url, DSI_QUEUE))));
+    same_messages(&got, &translate(&json).0);
+}
+
+fn bazel_binary() -> &'static str {
+    ["/usr/bin/bazel-4", "/usr/bin/bazel"]
+        .into_iter()
+        .find(|b| Path::new(b).exists())
+        .expect("bazel-bootstrap is installed (scripts/ensure-deps.sh)")
+}
+
+/// Bazel with a scrubbed environment and its own output root under `home`.
+fn bazel_command(bazel: &str, home: &Path, ws: &Path) -> Command {
+    let mut c = Command::new(bazel);
+    c.env_clear()
+        .env("HOME", home)
+        .env("PATH", "/usr/bin:/bin")
+        .env("LANG", "C.UTF-8")
+        .current_dir(ws)
+        .arg(format!(
+            "--output_user_root={}",
+            home.join("root").display()
+        ));
+    c
 }
 
 fn copy_tree(from: &Path, to: &Path) {

@@ -668,6 +668,8 @@ impl Invocation {
             }
         }
         self.advance();
+        self.sync_spool();
+        self.send_acks();
     }
 }
 
