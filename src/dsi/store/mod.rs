@@ -206,6 +206,18 @@ pub struct BuildDetail {
     pub logs: Vec<LogRow>,
 }
 
+impl BuildDetail {
+    /// The detail, or `None` when the store holds nothing at all for the build.
+    pub fn unless_empty(self) -> Option<BuildDetail> {
+        let empty = self.build.is_none()
+            && self.task_counts.is_empty()
+            && self.tests.is_empty()
+            && self.artifacts.is_empty()
+            && self.logs.is_empty();
+        (!empty).then_some(self)
+    }
+}
+
 /// What went wrong in a store. Every message names the store (`sqlite:PATH`,
 /// `postgres://user@host:port/db`, never a password) and what it was doing.
 #[derive(Debug, thiserror::Error)]

@@ -743,12 +743,7 @@ impl Store for PostgresStore {
             logs.push(row);
         }
 
-        let empty = build.is_none()
-            && task_counts.is_empty()
-            && tests.is_empty()
-            && artifacts.is_empty()
-            && logs.is_empty();
-        Ok((!empty).then(|| BuildDetail {
+        Ok(BuildDetail {
             build_id: build_id.to_string(),
             build,
             task_counts,
@@ -756,7 +751,8 @@ impl Store for PostgresStore {
             tests,
             artifacts,
             logs,
-        }))
+        }
+        .unless_empty())
     }
 
     fn counts(&mut self) -> Result<TableCounts, StoreError> {

@@ -532,12 +532,7 @@ impl Store for SqliteStore {
         )
         .map_err(fail("query logs"))??;
 
-        let empty = build.is_none()
-            && task_counts.is_empty()
-            && tests.is_empty()
-            && artifacts.is_empty()
-            && logs.is_empty();
-        Ok((!empty).then(|| BuildDetail {
+        Ok(BuildDetail {
             build_id: build_id.to_string(),
             build,
             task_counts,
@@ -545,7 +540,8 @@ impl Store for SqliteStore {
             tests,
             artifacts,
             logs,
-        }))
+        }
+        .unless_empty())
     }
 
     fn counts(&mut self) -> Result<TableCounts, StoreError> {
