@@ -759,3 +759,59 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Bad input on a stream: an event that is not a protobuf `BuildEvent` and one of
+/// another type are skipped (and acked: Bazel would resend them forever), everything
+/// else is still translated; a request without an event fails the stream with
+/// `INVALID_ARGUMENT`.
+#[test]
+fn bad_events_are_skipped_and_the_build_goes_on() {
+    use buildbus::evt::bazel::bes::proto::v1::build_event::Event as BesEvent;
+    let (url, _) = vhost("bes-bad-input");
+    let spool = tempdir();
+    let mut reqs = stream_requests("bazel/bes_capture.jsonl");
+    assert_eq!(reqs.len(), 30);
+    let mut finish = reqs.pop().unwrap();
+    let template = reqs[5].clone();
+    let bad = |seq: i64, type_url: &str, value: &[u8]| {
+        let mut r = template.clone();
+        let o = r.ordered_build_event.as_mut().unwrap();
+        o.sequence_number = seq;
+        o.event.as_mut().unwrap().event = Some(BesEvent::BazelEvent(pbjson_types::Any {
+            type_url: type_url.to_string(),
+            value: value.to_vec().into(),
+        }));
+        r
+    };
+    reqs.push(bad(
+        30,
+        buildbus::evt::bazel::bes::proto::BAZEL_EVENT_TYPE,
+        b"\xff\xff\xff garbage",
+    ));
+    reqs.push(bad(31, "type.googleapis.com/some.Other", b"\x08\x01"));
+    finish.ordered_build_event.as_mut().unwrap().sequence_number = 32;
+    reqs.push(finish);
+    rt().block_on(async {
+        let backend = bes::start(backend_cfg(&url, spool.path()), ctx())
+            .await
+            .unwrap();
+        let mut client = capture::connect(&http(backend.addr)).await.unwrap();
+        let acks = capture::send_stream(&mut client, reqs, &vec![])
+            .await
+            .unwrap();
+        assert_eq!(acks, (1..=32).collect::<Vec<_>>());
+        let got = distinct(envelopes(&drain(&url, DSI_QUEUE).await));
+        same_messages(&got, &clean("bazel/bes_capture.bep.json"));
+        // No event at all: refused, naming what is missing.
+        let empty = PublishBuildToolEventStreamRequest::default();
+        let err = capture::send_stream(&mut client, vec![empty], &vec![])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("InvalidArgument") && err.contains("ordered_build_event"),
+            "{err}"
+        );
+        backend.stop().await.unwrap();
+    });
+}

@@ -293,3 +293,25 @@ pub async fn replay(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_capture_lines_are_named_by_origin_and_line() {
+        let good =
+            r#"{"rpc": "PublishLifecycleEvent", "request": {"serviceLevel": "INTERACTIVE"}}"#;
+        let text = format!("{good}\n\nnot json\n");
+        let e = parse_capture(&text, "cap.jsonl").unwrap_err().to_string();
+        assert!(e.starts_with("cap.jsonl line 3: "), "{e}");
+        let wrong_any = r#"{"rpc": "PublishBuildToolEventStream", "stream": 1, "request": {"orderedBuildEvent": {"event": {"bazelEvent": {"@type": "type.googleapis.com/x.Y"}}}}}"#;
+        let e = parse_capture(wrong_any, "c").unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("x.Y"), "{e}");
+        let e = parse_capture(r#"{"rpc": "Nope", "request": {}}"#, "c")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown rpc"), "{e}");
+        assert_eq!(parse_capture(good, "c").unwrap().len(), 1);
+    }
+}
