@@ -318,7 +318,6 @@ impl Invocation {
         }
         self.close_out().await;
         tracing::debug!("invocation {}: task ends: {:?}", self.id, self.stats);
-        self.shared.record_stats(&self.id, self.stats.clone());
     }
 
     /// Closes the broker connection (everything is confirmed once done).
@@ -374,9 +373,8 @@ impl Invocation {
                         n => n,
                     };
                     st.sent_max = st.sent_max.max(seq);
-                } else {
-                    // A stream that was replaced: its events still count.
                 }
+                // Events of a stream that was replaced still count; only acks differ.
                 self.accept(*ev).await?;
             }
             Cmd::HalfClose { stream } => {

@@ -29,7 +29,7 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::invocation::{Cmd, Invocation, InvocationStats, DEFAULT_LINGER};
+use super::invocation::{Cmd, Invocation, DEFAULT_LINGER};
 use super::proto::v1::build_event::Event as BesEvent;
 use super::proto::v1::publish_build_event_server::{PublishBuildEvent, PublishBuildEventServer};
 use super::proto::v1::{
@@ -129,7 +129,6 @@ pub struct Shared {
     /// of that build is known.
     facts: Mutex<HashMap<String, Vec<(String, String)>>>,
     build_facts: Mutex<HashMap<String, Vec<(String, String)>>>,
-    finished: Mutex<Vec<(String, InvocationStats)>>,
     streams: AtomicU64,
 }
 
@@ -151,12 +150,14 @@ impl Shared {
         let mut map = lock(&self.invocations);
         if map.get(invocation).is_some_and(|t| t.same_channel(tx)) {
             map.remove(invocation);
-            lock(&self.facts).remove(invocation);
+            // Its build's facts go too (Bazel may never send BuildFinished).
+            let facts = lock(&self.facts).remove(invocation).unwrap_or_default();
+            for (k, build_id) in facts {
+                if k == "bes.build_id" {
+                    lock(&self.build_facts).remove(&build_id);
+                }
+            }
         }
-    }
-
-    pub fn record_stats(&self, invocation: &str, stats: InvocationStats) {
-        lock(&self.finished).push((invocation.to_string(), stats));
     }
 
     /// The task of an invocation, started if there is none.
@@ -192,7 +193,7 @@ impl Shared {
     }
 }
 
-/// The running backend: its address, and the statistics of finished invocations.
+/// The running backend.
 pub struct Backend {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
@@ -201,11 +202,6 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Invocation tasks that ended, with their counters.
-    pub fn finished(&self) -> Vec<(String, InvocationStats)> {
-        lock(&self.shared.finished).clone()
-    }
-
     /// Invocations with a live task.
     pub fn open_invocations(&self) -> usize {
         lock(&self.shared.invocations).len()
@@ -280,7 +276,6 @@ pub async fn start(cfg: BesConfig, ctx: Arc<Context>) -> Result<Backend, BesErro
         invocations: Mutex::new(HashMap::new()),
         facts: Mutex::new(HashMap::new()),
         build_facts: Mutex::new(HashMap::new()),
-        finished: Mutex::new(Vec::new()),
         streams: AtomicU64::new(0),
     });
     let service = Service {
