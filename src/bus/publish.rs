@@ -173,34 +173,6 @@ impl<T: Clone> Publisher<T> {
         }
     }
 
-    /// Waits for the oldest message's confirm; returns its token once acked.
-    async fn confirm_front(&mut self) -> Result<T, BusError> {
-        loop {
-            let Some(front) = self.inflight.front_mut() else {
-                return Err(BusError::Other("nothing in flight".into()));
-            };
-            let result = match front.confirm.take() {
-                Some(c) => c.await,
-                None => Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
-                    lapin::ChannelState::Closed,
-                    "no confirm",
-                ))),
-            };
-            match result {
-                Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => {
-                    self.stats.confirmed += 1;
-                    let done = self.inflight.pop_front().map(|f| f.token);
-                    return done.ok_or_else(|| BusError::Other("lost track of a message".into()));
-                }
-                Ok(Confirmation::Nack(_)) => {
-                    self.stats.nacks += 1;
-                    self.recover("the broker nacked a message").await?;
-                }
-                Err(e) => self.recover(&format!("confirm failed: {e}")).await?,
-            }
-        }
-    }
-
     /// Collects tokens of messages whose confirms already arrived, without waiting.
     fn confirmed_now(&mut self, done: &mut Vec<T>) {
         while let Some(front) = self.inflight.front_mut() {
@@ -214,7 +186,7 @@ impl<T: Clone> Publisher<T> {
                         done.push(f.token);
                     }
                 }
-                // A nack or an error: leave it for `confirm_front`, which recovers.
+                // A nack or an error: leave it for `confirmed`, which recovers.
                 Some(_) => {
                     front.confirm = None;
                     return;
@@ -232,7 +204,7 @@ impl<T: Clone> Publisher<T> {
         let mut done = Vec::new();
         self.confirmed_now(&mut done);
         while self.inflight.len() >= self.cfg.window.max(1) {
-            done.push(self.confirm_front().await?);
+            done.extend(self.confirmed().await?);
         }
         loop {
             let ch = match &self.channel {
@@ -311,7 +283,7 @@ impl<T: Clone> Publisher<T> {
     pub async fn flush(&mut self) -> Result<Vec<T>, BusError> {
         let mut done = Vec::new();
         while !self.inflight.is_empty() {
-            done.push(self.confirm_front().await?);
+            done.extend(self.confirmed().await?);
         }
         Ok(done)
     }
