@@ -31,14 +31,17 @@ pub struct Summaries {
 impl Summaries {
     pub fn add(&mut self, env: &Envelope) {
         let c = env.payload.common();
-        let s = self.builds.entry(c.build_id.clone()).or_insert_with(|| {
-            self.order.push(c.build_id.clone());
-            BuildSummary {
-                build_id: c.build_id.clone(),
-                system: c.system.clone(),
-                ..Default::default()
-            }
-        });
+        let s = self
+            .builds
+            .entry(c.build_id.to_string())
+            .or_insert_with(|| {
+                self.order.push(c.build_id.to_string());
+                BuildSummary {
+                    build_id: c.build_id.to_string(),
+                    system: c.system.to_string(),
+                    ..Default::default()
+                }
+            });
         *s.messages.entry(env.kind().to_string()).or_default() += 1;
         match &env.payload {
             Payload::Build(b) if b.result.is_some() => s.finished = Some(b.clone()),
@@ -81,23 +84,23 @@ impl BuildSummary {
     pub fn render(&self) -> String {
         let b = self.finished.as_ref().or(self.started.as_ref());
         let mut o = String::new();
-        let field = |v: Option<&String>| v.cloned().unwrap_or_else(|| "_".into());
+        let field = |v: Option<&str>| v.unwrap_or("_").to_string();
         let _ = writeln!(o, "{} build {}", self.system, self.build_id);
         if let Some(b) = b {
             let c = &b.common;
             let _ = writeln!(
                 o,
                 "  tree/platform/buildtype/product: {} / {} / {} / {}",
-                field(c.tree.as_ref()),
-                field(c.platform.as_ref()),
-                field(c.buildtype.as_ref()),
-                field(c.product.as_ref())
+                field(c.tree.as_deref()),
+                field(c.platform.as_deref()),
+                field(c.buildtype.as_deref()),
+                field(c.product.as_deref())
             );
             let _ = writeln!(
                 o,
                 "  revision: {}  branch: {}",
-                field(c.revision.as_ref()),
-                field(c.branch.as_ref())
+                field(c.revision.as_deref()),
+                field(c.branch.as_deref())
             );
             if !b.targets.is_empty() {
                 let _ = writeln!(o, "  targets:  {}", b.targets.join(" "));

@@ -100,7 +100,7 @@ pub fn artifacts_for_build(
     if b.state != BuildState::Finished {
         return Err(not("the build has not finished"));
     }
-    let system = b.common.system.as_str();
+    let system = &*b.common.system;
     let vars: BTreeMap<String, String> = b
         .metadata
         .iter()

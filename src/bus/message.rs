@@ -78,7 +78,7 @@ impl Outgoing {
             .with_app_id(ShortString::from("buildbus"))
             .with_headers(h);
         Outgoing {
-            exchange: env.meta.exchange.clone(),
+            exchange: env.meta.exchange.to_string(),
             routing_key: env.meta.routing_key.clone(),
             message_id: env.meta.message_id.clone(),
             body: env.to_json(),

@@ -50,7 +50,7 @@ impl Topology {
     }
 
     pub fn exchange(&self, kind: Kind) -> String {
-        kind.exchange(&self.prefix)
+        kind.exchange(&self.prefix).into_owned()
     }
 
     pub fn dead_letter_exchange(&self) -> String {

@@ -14,7 +14,8 @@ use super::{Cli, FieldArgs};
 use crate::aam::{self, BuildScanner, Rules, ScanOptions};
 use crate::bus::message::Outgoing;
 use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::model::{ids, time, Common, SourceMeta};
+use crate::evt::fields::PulseFields;
+use crate::model::{ids, time, SourceMeta};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -147,22 +148,11 @@ pub fn run(cli: &Cli, a: &AamArgs) -> anyhow::Result<ExitCode> {
     };
     let scan = aam::scan(&located.roots, &rules, &opts)?;
     let canon = std::fs::canonicalize(&a.dir).unwrap_or_else(|_| a.dir.clone());
-    let f = &ctx.fixed;
-    let common = Common {
-        build_id: a
-            .build_id
-            .clone()
-            .unwrap_or_else(|| format!("aam-{}", ids::short_hash(&canon.to_string_lossy()))),
-        system: system.clone(),
-        tree: f.tree.clone(),
-        platform: f.platform.clone(),
-        buildtype: f.buildtype.clone(),
-        product: f.product.clone(),
-        revision: f.revision.clone(),
-        branch: f.branch.clone(),
-        tags: f.tags.clone(),
-        timestamp: Some(time::now()),
-    };
+    let build_id = a
+        .build_id
+        .clone()
+        .unwrap_or_else(|| format!("aam-{}", ids::short_hash(&canon.to_string_lossy())));
+    let common = PulseFields::fixed(&ctx.fixed, &build_id, &system).common(Some(time::now()));
     let source = Arc::new(SourceMeta {
         system,
         format: aam::emit::SOURCE_FORMAT.into(),

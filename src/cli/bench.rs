@@ -541,11 +541,14 @@ fn translate(
 ) -> anyhow::Result<Pass> {
     let t0 = Instant::now();
     let mut out_bytes = 0u64;
+    // One buffer for every message, as `buildbus translate` writes them.
+    let mut json = Vec::with_capacity(4096);
     let report = translate_file(path, format, ctx, &mut |env| {
         if serialize {
-            let j = env.to_json();
-            out_bytes += j.len() as u64;
-            black_box(j);
+            json.clear();
+            env.write_json(&mut json);
+            out_bytes += json.len() as u64;
+            black_box(&json);
         } else {
             black_box(env);
         }

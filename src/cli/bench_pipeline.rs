@@ -83,7 +83,7 @@ fn messages(fixtures: &std::path::Path, n: usize) -> anyhow::Result<Vec<Envelope
             }
             let mut e = e.clone();
             let c = e.payload.common_mut();
-            c.build_id = format!("{}-{k}", c.build_id);
+            c.build_id = format!("{}-{k}", c.build_id).into();
             let entity = ids::entity_id(
                 "bench",
                 &k.to_string(),

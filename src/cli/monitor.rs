@@ -157,7 +157,7 @@ pub fn line(env: &Envelope) -> String {
             cut(l.message.lines().next().unwrap_or(""), 120)
         ),
     };
-    let v = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let v = |o: &Option<Arc<str>>| o.as_deref().unwrap_or("-").to_string();
     let when = c.timestamp.as_deref().unwrap_or(&env.meta.sent);
     format!(
         "{when} {:<8} {what}  [{}/{}/{}/{}] {}",
@@ -179,19 +179,28 @@ pub fn exec_vars(msg: &Message, env: &Envelope) -> Vec<(&'static str, Option<Str
     };
     vec![
         ("BUILDBUS_KIND", Some(env.kind().to_string())),
-        ("BUILDBUS_STATE", Some(env.meta.state.clone())),
+        ("BUILDBUS_STATE", Some(env.meta.state.to_string())),
         ("BUILDBUS_MESSAGE_ID", Some(env.meta.message_id.clone())),
         ("BUILDBUS_ENTITY_ID", Some(env.meta.entity_id.clone())),
         ("BUILDBUS_EXCHANGE", Some(msg.exchange.clone())),
         ("BUILDBUS_ROUTING_KEY", Some(msg.routing_key.clone())),
-        ("BUILDBUS_BUILD_ID", Some(c.build_id.clone())),
-        ("BUILDBUS_SYSTEM", Some(c.system.clone())),
-        ("BUILDBUS_TREE", c.tree.clone()),
-        ("BUILDBUS_PLATFORM", c.platform.clone()),
-        ("BUILDBUS_BUILDTYPE", c.buildtype.clone()),
-        ("BUILDBUS_PRODUCT", c.product.clone()),
-        ("BUILDBUS_REVISION", c.revision.clone()),
-        ("BUILDBUS_BRANCH", c.branch.clone()),
+        ("BUILDBUS_BUILD_ID", Some(c.build_id.to_string())),
+        ("BUILDBUS_SYSTEM", Some(c.system.to_string())),
+        ("BUILDBUS_TREE", c.tree.as_deref().map(str::to_string)),
+        (
+            "BUILDBUS_PLATFORM",
+            c.platform.as_deref().map(str::to_string),
+        ),
+        (
+            "BUILDBUS_BUILDTYPE",
+            c.buildtype.as_deref().map(str::to_string),
+        ),
+        ("BUILDBUS_PRODUCT", c.product.as_deref().map(str::to_string)),
+        (
+            "BUILDBUS_REVISION",
+            c.revision.as_deref().map(str::to_string),
+        ),
+        ("BUILDBUS_BRANCH", c.branch.as_deref().map(str::to_string)),
         (
             "BUILDBUS_TAGS",
             (!c.tags.is_empty()).then(|| c.tags.join(",")),

@@ -59,12 +59,17 @@ pub fn run(cli: &Cli, a: &TranslateArgs) -> anyhow::Result<ExitCode> {
     let mut summaries = Summaries::default();
     let mut write_err: Option<std::io::Error> = None;
     let mut failed = false;
+    // One buffer for every message's JSON.
+    let mut json = Vec::with_capacity(4096);
     for path in &a.files {
         let report = translate_file(path, a.format.0, &ctx, &mut |env| {
             if a.summary {
                 summaries.add(&env);
             } else if write_err.is_none() {
-                let r = w.write_all(&env.to_json()).and_then(|_| w.write_all(b"\n"));
+                json.clear();
+                env.write_json(&mut json);
+                json.push(b'\n');
+                let r = w.write_all(&json);
                 if let Err(e) = r {
                     write_err = Some(e);
                 }

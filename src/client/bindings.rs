@@ -176,7 +176,7 @@ pub fn plan(
             Want::Filtered { finished_only } => keys(kind, f, *finished_only, max_per_exchange),
         };
         out.extend(keys.into_iter().map(|routing_key| Binding {
-            exchange: exchange.clone(),
+            exchange: exchange.to_string(),
             routing_key,
         }));
     }

@@ -7,6 +7,8 @@
 //! once per build, so every message of a build carries the same fields and routing-key
 //! prefix.
 
+use std::sync::Arc;
+
 use crate::config::{DeriveRules, FieldValues};
 use crate::model::Common;
 
@@ -15,9 +17,21 @@ pub trait RuleSource {
     fn lookup(&self, rule: &str) -> Option<String>;
 }
 
-/// The resolved Pulse fields of one build: the same shape as the fixed values they
-/// start from, now with every field that could be found filled in.
-pub type PulseFields = FieldValues;
+/// The resolved Pulse fields of one build, frozen with its id: the [`Common`] part every
+/// message of that build carries, shared (a message's copy costs reference counts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulseFields {
+    common: Common,
+}
+
+/// A source that answers no rule.
+struct NoRules;
+
+impl RuleSource for NoRules {
+    fn lookup(&self, _rule: &str) -> Option<String> {
+        None
+    }
+}
 
 fn first(rules: &[String], src: &dyn RuleSource) -> Option<String> {
     rules
@@ -28,9 +42,17 @@ fn first(rules: &[String], src: &dyn RuleSource) -> Option<String> {
 }
 
 impl PulseFields {
-    /// Resolves every field: fixed values win, then the first rule that answers.
-    pub fn resolve(rules: &DeriveRules, fixed: &FieldValues, src: &dyn RuleSource) -> PulseFields {
-        let pick = |f: &Option<String>, r: &[String]| f.clone().or_else(|| first(r, src));
+    /// Resolves every field for build `build_id` of `system`: fixed values win, then the
+    /// first rule that answers.
+    pub fn resolve(
+        rules: &DeriveRules,
+        fixed: &FieldValues,
+        src: &dyn RuleSource,
+        build_id: &str,
+        system: &str,
+    ) -> PulseFields {
+        let pick =
+            |f: &Option<String>, r: &[String]| f.clone().or_else(|| first(r, src)).map(Arc::from);
         let mut tags: Vec<String> = Vec::new();
         let mut add = |t: &str| {
             let t = t.trim();
@@ -47,29 +69,37 @@ impl PulseFields {
             }
         }
         PulseFields {
-            tree: pick(&fixed.tree, &rules.tree),
-            platform: pick(&fixed.platform, &rules.platform),
-            buildtype: pick(&fixed.buildtype, &rules.buildtype),
-            product: pick(&fixed.product, &rules.product),
-            revision: pick(&fixed.revision, &rules.revision),
-            branch: pick(&fixed.branch, &rules.branch),
-            tags,
+            common: Common {
+                build_id: build_id.into(),
+                system: system.into(),
+                tree: pick(&fixed.tree, &rules.tree),
+                platform: pick(&fixed.platform, &rules.platform),
+                buildtype: pick(&fixed.buildtype, &rules.buildtype),
+                product: pick(&fixed.product, &rules.product),
+                revision: pick(&fixed.revision, &rules.revision),
+                branch: pick(&fixed.branch, &rules.branch),
+                tags: tags.into(),
+                timestamp: None,
+            },
         }
     }
 
+    /// Only the fixed values (no rules to derive the others from): for messages made
+    /// outside a build stream, such as a stand-alone artifact scan.
+    pub fn fixed(fixed: &FieldValues, build_id: &str, system: &str) -> PulseFields {
+        PulseFields::resolve(&DeriveRules::default(), fixed, &NoRules, build_id, system)
+    }
+
+    /// The fields as resolved (`timestamp` is `None`).
+    pub fn get(&self) -> &Common {
+        &self.common
+    }
+
     /// The common payload part for one message of this build.
-    pub fn common(&self, build_id: &str, system: &str, timestamp: Option<String>) -> Common {
+    pub fn common(&self, timestamp: Option<String>) -> Common {
         Common {
-            build_id: build_id.to_string(),
-            system: system.to_string(),
-            tree: self.tree.clone(),
-            platform: self.platform.clone(),
-            buildtype: self.buildtype.clone(),
-            product: self.product.clone(),
-            revision: self.revision.clone(),
-            branch: self.branch.clone(),
-            tags: self.tags.clone(),
             timestamp,
+            ..self.common.clone()
         }
     }
 }
@@ -108,11 +138,16 @@ mod tests {
             tags: vec!["always".into()],
             ..Default::default()
         };
-        let f = PulseFields::resolve(&rules, &fixed, &src);
-        assert_eq!(f.tree.as_deref(), Some("B"));
-        assert_eq!(f.platform.as_deref(), Some("fixed"));
-        assert_eq!(f.buildtype, None);
-        assert_eq!(f.tags, vec!["always", "x", "y"]);
+        let f = PulseFields::resolve(&rules, &fixed, &src, "b-1", "bazel");
+        let c = f.common(Some("2026-11-21T00:00:00Z".into()));
+        assert_eq!(&*c.build_id, "b-1");
+        assert_eq!(&*c.system, "bazel");
+        assert_eq!(c.tree.as_deref(), Some("B"));
+        assert_eq!(c.platform.as_deref(), Some("fixed"));
+        assert_eq!(c.buildtype, None);
+        assert_eq!(&*c.tags, ["always", "x", "y"]);
+        assert_eq!(c.timestamp.as_deref(), Some("2026-11-21T00:00:00Z"));
+        assert_eq!(f.get().timestamp, None);
     }
 
     #[test]

@@ -87,7 +87,9 @@ impl Context {
     }
 
     /// The derivation rules of a build system.
-    pub fn rules(&self, system: &str) -> DeriveRules {
-        self.derive.get(system).cloned().unwrap_or_default()
+    pub fn rules(&self, system: &str) -> &DeriveRules {
+        static NONE: std::sync::LazyLock<DeriveRules> =
+            std::sync::LazyLock::new(DeriveRules::default);
+        self.derive.get(system).unwrap_or(&NONE)
     }
 }

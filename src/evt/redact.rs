@@ -10,6 +10,8 @@
 //! - any part of any value matching a `value_patterns` regex (its `keep` and `tail`
 //!   groups, where it has them, are kept around the redaction).
 
+use std::borrow::Cow;
+
 use regex::{Regex, RegexSet};
 
 use crate::config::RedactionConfig;
@@ -63,52 +65,74 @@ impl Redactor {
         self.keys.is_match(key)
     }
 
-    /// Redacts the parts of a free-form value that look like secrets.
-    pub fn value(&self, value: &str) -> String {
+    /// Redacts the parts of a free-form value that look like secrets (borrowed when
+    /// nothing matched, which is almost always).
+    pub fn value<'a>(&self, value: &'a str) -> Cow<'a, str> {
         if !self.any_value.is_match(value) {
-            return value.to_string();
+            return Cow::Borrowed(value);
         }
-        let mut out = std::borrow::Cow::Borrowed(value);
+        let mut out = Cow::Borrowed(value);
         for r in &self.values {
             if r.is_match(&out) {
-                out = std::borrow::Cow::Owned(
+                out = Cow::Owned(
                     r.replace_all(&out, format!("${{keep}}{REDACTED}${{tail}}").as_str())
                         .into_owned(),
                 );
             }
         }
-        out.into_owned()
+        out
     }
 
     /// Redacts the value of `key` (a metadata entry or variable).
-    pub fn keyed(&self, key: &str, value: &str) -> String {
+    pub fn keyed<'a>(&self, key: &str, value: &'a str) -> Cow<'a, str> {
         if self.is_secret_key(key) {
-            REDACTED.to_string()
+            Cow::Borrowed(REDACTED)
         } else {
             self.value(value)
         }
     }
 
-    /// Redacts one command-line argument (`--name=value`, `--name value` handled by the
-    /// caller passing `name` and `value` through [`Redactor::option`]).
+    /// Redacts one command-line argument: `--name=value` goes through the option rules,
+    /// anything else through the value patterns.
     pub fn arg(&self, arg: &str) -> String {
-        if let Some(rest) = arg.strip_prefix("--") {
-            if let Some((name, value)) = rest.split_once('=') {
-                return format!("--{name}={}", self.option(name, value));
-            }
+        let mut out = String::with_capacity(arg.len());
+        self.push_arg(arg, &mut out);
+        out
+    }
+
+    /// [`Redactor::arg`], appended to `out` (a command line is redacted argument by
+    /// argument into one string).
+    pub fn push_arg(&self, arg: &str, out: &mut String) {
+        if let Some((name, value)) = arg.strip_prefix("--").and_then(|r| r.split_once('=')) {
+            out.push_str("--");
+            out.push_str(name);
+            out.push('=');
+            self.push_option(name, value, out);
+        } else {
+            out.push_str(&self.value(arg));
         }
-        self.value(arg)
     }
 
     /// Redacts the value of option `name`.
     pub fn option(&self, name: &str, value: &str) -> String {
+        let mut out = String::with_capacity(value.len());
+        self.push_option(name, value, &mut out);
+        out
+    }
+
+    /// [`Redactor::option`], appended to `out`.
+    pub fn push_option(&self, name: &str, value: &str, out: &mut String) {
         let secret_option = self.options.iter().any(|o| o == name) || self.is_secret_key(name);
         match value.split_once('=') {
             // NAME=VALUE options (client_env, action_env, test_env, remote_header, ...):
             // keep the name, judge by option and by name.
-            Some((k, _)) if secret_option || self.is_secret_key(k) => format!("{k}={REDACTED}"),
-            _ if secret_option => REDACTED.to_string(),
-            _ => self.value(value),
+            Some((k, _)) if secret_option || self.is_secret_key(k) => {
+                out.push_str(k);
+                out.push('=');
+                out.push_str(REDACTED);
+            }
+            _ if secret_option => out.push_str(REDACTED),
+            _ => out.push_str(&self.value(value)),
         }
     }
 }

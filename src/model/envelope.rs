@@ -4,6 +4,7 @@
 //! never shrink. Optional values are written as `null` rather than left out, so every
 //! consumer sees the same shape whichever source produced a message.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -48,13 +49,29 @@ impl Kind {
     }
 
     /// `buildbus/<kind>/v1`.
-    pub fn schema(self) -> String {
-        ["buildbus/", self.as_str(), "/", MODEL_VERSION].concat()
+    pub fn schema(self) -> &'static str {
+        match self {
+            Kind::Build => "buildbus/build/v1",
+            Kind::Task => "buildbus/task/v1",
+            Kind::Test => "buildbus/test/v1",
+            Kind::Artifact => "buildbus/artifact/v1",
+            Kind::Log => "buildbus/log/v1",
+        }
     }
 
-    /// The exchange of this kind under `prefix`.
-    pub fn exchange(self, prefix: &str) -> String {
-        [prefix.trim_end_matches('/'), "/", self.as_str()].concat()
+    /// The exchange of this kind under `prefix` (borrowed for the default prefix).
+    pub fn exchange(self, prefix: &str) -> Cow<'static, str> {
+        let prefix = prefix.trim_end_matches('/');
+        if prefix == DEFAULT_EXCHANGE_PREFIX {
+            return Cow::Borrowed(match self {
+                Kind::Build => "exchange/buildbus/v1/build",
+                Kind::Task => "exchange/buildbus/v1/task",
+                Kind::Test => "exchange/buildbus/v1/test",
+                Kind::Artifact => "exchange/buildbus/v1/artifact",
+                Kind::Log => "exchange/buildbus/v1/log",
+            });
+        }
+        Cow::Owned([prefix, "/", self.as_str()].concat())
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
@@ -82,9 +99,13 @@ pub struct SourceMeta {
 }
 
 /// `_meta`: routing and identity of one message.
+///
+/// `exchange`, `state`, `schema` and `serializer` are almost always one of a few fixed
+/// words, so they are borrowed from static strings where they can be (`Cow`); a message
+/// read from JSON owns them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Meta {
-    pub exchange: String,
+    pub exchange: Cow<'static, str>,
     pub routing_key: String,
     pub message_id: String,
     /// The entity this message describes a state of (same for `started` and `finished`).
@@ -92,12 +113,12 @@ pub struct Meta {
     pub kind: Kind,
     /// The state this message describes (`started`/`finished` for builds, the final
     /// outcome or status for the others); part of `message_id`.
-    pub state: String,
-    pub schema: String,
+    pub state: Cow<'static, str>,
+    pub schema: Cow<'static, str>,
     /// When the message was produced (RFC 3339); the only field that differs between
     /// two translations of one stream.
     pub sent: String,
-    pub serializer: String,
+    pub serializer: Cow<'static, str>,
     /// Shared by every message read from one input (read it as a `SourceMeta`).
     #[serde(with = "shared_source")]
     pub source: Arc<SourceMeta>,
@@ -121,17 +142,22 @@ mod shared_source {
 }
 
 /// The fields every payload carries (Pulse's filter dimensions and the build's identity).
+///
+/// Everything but `timestamp` is the same for every message of a build, so those values
+/// are shared (`Arc`): a message's copy is a reference count, not a new string. Read them
+/// as `&str` (`&*c.build_id`, `c.tree.as_deref()`); make them from a `String` or `&str`
+/// with `.into()`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Common {
-    pub build_id: String,
-    pub system: String,
-    pub tree: Option<String>,
-    pub platform: Option<String>,
-    pub buildtype: Option<String>,
-    pub product: Option<String>,
-    pub revision: Option<String>,
-    pub branch: Option<String>,
-    pub tags: Vec<String>,
+    pub build_id: Arc<str>,
+    pub system: Arc<str>,
+    pub tree: Option<Arc<str>>,
+    pub platform: Option<Arc<str>>,
+    pub buildtype: Option<Arc<str>>,
+    pub product: Option<Arc<str>>,
+    pub revision: Option<Arc<str>>,
+    pub branch: Option<Arc<str>>,
+    pub tags: Arc<[String]>,
     /// When the described event happened (RFC 3339).
     pub timestamp: Option<String>,
 }
@@ -393,13 +419,13 @@ impl Payload {
     }
 
     /// The state word of this payload (part of the message id and of CloudEvents' type).
-    pub fn state(&self) -> String {
+    pub fn state(&self) -> Cow<'static, str> {
         match self {
-            Payload::Build(p) => p.state.as_str().to_string(),
-            Payload::Task(p) => p.outcome.as_str().to_string(),
-            Payload::Test(p) => p.status.clone(),
-            Payload::Artifact(_) => "produced".to_string(),
-            Payload::Log(p) => p.level.as_str().to_string(),
+            Payload::Build(p) => Cow::Borrowed(p.state.as_str()),
+            Payload::Task(p) => Cow::Borrowed(p.outcome.as_str()),
+            Payload::Test(p) => Cow::Owned(p.status.clone()),
+            Payload::Artifact(_) => Cow::Borrowed("produced"),
+            Payload::Log(p) => Cow::Borrowed(p.level.as_str()),
         }
     }
 
@@ -439,7 +465,7 @@ impl Payload {
             c.platform.as_deref(),
             c.buildtype.as_deref(),
             c.product.as_deref(),
-            Some(c.system.as_str()),
+            Some(&*c.system),
             t0,
             t1,
             t2,
@@ -503,9 +529,9 @@ impl Envelope {
                 entity_id,
                 kind,
                 state,
-                schema: kind.schema(),
+                schema: Cow::Borrowed(kind.schema()),
                 sent: super::time::now(),
-                serializer: "json".to_string(),
+                serializer: Cow::Borrowed("json"),
                 source,
             },
             payload,

@@ -498,7 +498,7 @@ mod tests {
             common: Common {
                 build_id: "b1".into(),
                 system: "bitbake".into(),
-                tags: vec!["nightly".into()],
+                tags: vec!["nightly".to_string()].into(),
                 ..Common::default()
             },
             path: "deploy/images/qemux86-64/core-image-minimal.wic".into(),

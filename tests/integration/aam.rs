@@ -992,7 +992,7 @@ fn a_finished_bitbake_builds_artifacts_are_stored_under_that_build() {
             .find(|r| r.path.ends_with(".rootfs.ext4"))
             .unwrap();
         assert_eq!(rootfs.mtime, t.image_mtime_rfc3339(), "{store}");
-        assert!(rows.iter().all(|r| r.build_id == build_id));
+        assert!(rows.iter().all(|r| *r.build_id == *build_id));
     }
 }
 
@@ -1085,7 +1085,7 @@ fn bitbake_live_publishes_the_artifacts_of_the_build_it_watched() {
         .iter()
         .map(|l| {
             assert_eq!(l["_meta"]["kind"], "artifact");
-            assert_eq!(l["payload"]["build_id"], build_id.as_str());
+            assert_eq!(l["payload"]["build_id"], &*build_id);
             l["payload"]["path"].as_str().unwrap()
         })
         .collect();

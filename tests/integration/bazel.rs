@@ -423,7 +423,7 @@ fn pulse_fields_follow_config_and_overrides() {
     assert_eq!(c.tree.as_deref(), Some("acme"));
     assert_eq!(c.product.as_deref(), Some("bep_fixture_ws"));
     assert_eq!(c.buildtype.as_deref(), Some("dbg"));
-    assert_eq!(c.tags, vec!["ci", "main"]);
+    assert_eq!(&*c.tags, ["ci", "main"]);
     // Overrides (flags, env) win over everything.
     let over = FieldValues {
         tree: Some("other.tree".into()),

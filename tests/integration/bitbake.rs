@@ -174,7 +174,7 @@ fn every_log_matches_its_ground_truth() {
             BuildResult::Success
         };
         assert_eq!(f.result, Some(want_result), "{name}");
-        assert_eq!(f.common.system, "bitbake");
+        assert_eq!(&*f.common.system, "bitbake");
     }
 }
 
@@ -353,7 +353,7 @@ fn several_builds_in_one_log_and_stable_ids() {
     assert!(report.clean(), "{:?}", report.errors);
     let ids: BTreeSet<String> = both
         .iter()
-        .map(|m| m.payload.common().build_id.clone())
+        .map(|m| m.payload.common().build_id.to_string())
         .collect();
     assert_eq!(ids.len(), 2, "each BuildStarted starts its own build");
     // The same builds as the single logs: same ids, same messages.
@@ -374,7 +374,7 @@ fn several_builds_in_one_log_and_stable_ids() {
             finished(&clean(&format!("bitbake/{n}.eventlog")))
                 .common
                 .build_id
-                .clone()
+                .to_string()
         })
         .collect();
     assert_eq!(all.len(), LOGS.len());

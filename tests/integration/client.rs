@@ -170,7 +170,7 @@ struct F {
 impl F {
     fn pass(&self, e: &Envelope) -> bool {
         let c = e.payload.common();
-        let any = |set: &[&str], v: &Option<String>| {
+        let any = |set: &[&str], v: &Option<std::sync::Arc<str>>| {
             set.is_empty() || v.as_deref().is_some_and(|v| set.contains(&v))
         };
         let trees: Vec<&str> = self.trees.iter().map(String::as_str).collect();

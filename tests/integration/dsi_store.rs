@@ -74,7 +74,7 @@ fn expected_counts(envs: &[Envelope]) -> TableCounts {
     for e in envs {
         msgs.insert(e.meta.message_id.as_str());
         let key = match &e.payload {
-            Payload::Build(b) => b.common.build_id.as_str(),
+            Payload::Build(b) => &*b.common.build_id,
             _ => e.meta.entity_id.as_str(),
         };
         per_kind.entry(e.kind()).or_default().insert(key);
@@ -254,7 +254,7 @@ fn three_builds() -> Vec<Envelope> {
 }
 
 fn build_id(envs: &[Envelope]) -> String {
-    envs[0].payload.common().build_id.clone()
+    envs[0].payload.common().build_id.to_string()
 }
 
 macro_rules! on_both {
@@ -841,7 +841,7 @@ fn bad_data_fails_the_whole_batch(b: Backend) {
         ),
         (
             "an empty build id",
-            |e| e.payload.common_mut().build_id = String::new(),
+            |e| e.payload.common_mut().build_id = "".into(),
             "payload.build_id is empty",
         ),
     ];

@@ -238,7 +238,7 @@ pub fn renamed_copy(rel: &str, dir: &Path, n: usize) -> PathBuf {
     let old = &msgs[0].payload.common().build_id;
     let new = format!("{:08x}-0000-4000-8000-{:012x}", n, n);
     let p = dir.join(format!("{n}-{}", rel.replace('/', "_")));
-    std::fs::write(&p, text.replace(old.as_str(), &new)).expect("write copy");
+    std::fs::write(&p, text.replace(&**old, &new)).expect("write copy");
     p
 }
 

@@ -463,10 +463,10 @@ fn validate(env: &Envelope) -> Result<Msg<'_>, String> {
     }
     let c = env.payload.common();
     for (name, v) in [
-        ("_meta.message_id", &meta.message_id),
-        ("_meta.entity_id", &meta.entity_id),
-        ("payload.build_id", &c.build_id),
-        ("payload.system", &c.system),
+        ("_meta.message_id", meta.message_id.as_str()),
+        ("_meta.entity_id", meta.entity_id.as_str()),
+        ("payload.build_id", &*c.build_id),
+        ("payload.system", &*c.system),
     ] {
         if v.trim().is_empty() {
             return Err(format!("{name} is empty"));

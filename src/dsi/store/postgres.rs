@@ -307,8 +307,8 @@ fn try_write(conn: &mut Conn, msgs: &[Msg<'_>]) -> Result<usize, Failure> {
         ids.push(meta.message_id.as_str());
         entities.push(meta.entity_id.as_str());
         kinds.push(meta.kind.as_str());
-        builds.push(m.env.payload.common().build_id.as_str());
-        states.push(meta.state.as_str());
+        builds.push(&*m.env.payload.common().build_id);
+        states.push(&*meta.state);
         sent.push(m.sent);
         bodies.push(m.body.as_str());
     }

@@ -12,9 +12,12 @@ pub fn decode_json(bytes: &[u8]) -> Result<BuildEvent, Reason> {
     serde_json::from_str(text).map_err(|e| Reason::Json(e.to_string()))
 }
 
-/// Decodes one frame of `--build_event_binary_file` (without its length prefix).
+/// Decodes one frame of `--build_event_binary_file` (without its length prefix),
+/// leaving out what the translator never reads (see [`super::sparse`]).
 pub fn decode_binary(bytes: &[u8]) -> Result<BuildEvent, Reason> {
-    BuildEvent::decode(bytes).map_err(|e| Reason::Protobuf(e.to_string()))
+    super::sparse::decode(bytes)
+        .unwrap_or_else(|| BuildEvent::decode(bytes))
+        .map_err(|e| Reason::Protobuf(e.to_string()))
 }
 
 #[cfg(test)]

@@ -335,7 +335,7 @@ impl BazelTranslator {
             return;
         };
         let ts = d.payload.common_mut().timestamp.take();
-        *d.payload.common_mut() = fields.common(id, SYSTEM, ts);
+        *d.payload.common_mut() = fields.common(ts);
         // The build id is the one the entity id was made with: a new build id is only
         // taken after everything of the previous build was released.
         let entity_id = match d.entity {
@@ -380,10 +380,13 @@ impl BazelTranslator {
                 .min()
                 .cloned();
         }
+        let id = self.build.id.as_deref().unwrap_or_default();
         self.build.fields = Some(PulseFields::resolve(
-            &self.ctx.rules(SYSTEM),
+            self.ctx.rules(SYSTEM),
             &self.ctx.fixed,
             &self.build,
+            id,
+            SYSTEM,
         ));
         // The started message goes first.
         let started = Payload::Build(self.build_payload(BuildState::Started));
@@ -408,13 +411,14 @@ impl BazelTranslator {
                 .as_ref()
                 .or(self.build.unstructured_cmd.as_ref())?;
             let r = &self.ctx.redactor;
-            self.build.command = Some(
-                args.iter()
-                    .filter(|a| !a.is_empty())
-                    .map(|a| r.arg(a))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            );
+            let mut line = String::with_capacity(args.iter().map(|a| a.len() + 1).sum());
+            for a in args.iter().filter(|a| !a.is_empty()) {
+                if !line.is_empty() {
+                    line.push(' ');
+                }
+                r.push_arg(a, &mut line);
+            }
+            self.build.command = Some(line);
         }
         self.build.command.clone()
     }
@@ -441,13 +445,13 @@ impl BazelTranslator {
         let mut metadata: BTreeMap<String, String> = b
             .metadata
             .iter()
-            .map(|(k, v)| (k.clone(), redactor.keyed(k, v)))
+            .map(|(k, v)| (k.clone(), redactor.keyed(k, v).into_owned()))
             .collect();
         if let Some(c) = &b.command_name {
             metadata.insert("bazel.command".into(), c.clone());
         }
         for (k, v) in &self.extra_metadata {
-            metadata.insert(k.clone(), redactor.keyed(k, v));
+            metadata.insert(k.clone(), redactor.keyed(k, v).into_owned());
         }
         let (ts, counts) = match state {
             BuildState::Started => (b.started_ms, Counts::default()),
@@ -827,7 +831,7 @@ impl BazelTranslator {
 
     fn on_progress(&mut self, opaque: i32, p: &bep::Progress, out: &mut Emit<'_>) {
         for (i, rec) in console::records(&p.stderr).into_iter().enumerate() {
-            let message = self.ctx.redactor.value(&rec.message);
+            let message = self.ctx.redactor.value(&rec.message).into_owned();
             if rec.level != crate::model::LogLevel::Warning && self.build.first_error.is_none() {
                 self.build.first_error = message.lines().next().map(str::to_string);
             }

@@ -203,7 +203,8 @@ pub struct Stats {
 /// Translates the events of one BitBake event stream (one or more commands).
 pub struct BitbakeTranslator {
     ctx: Arc<Context>,
-    source: SourceMeta,
+    /// Shared by every message of the stream.
+    source: Arc<SourceMeta>,
     cmd: Command,
     /// Variables given from outside (a live session fetches them), applied to every
     /// command.
@@ -259,7 +260,7 @@ impl BitbakeTranslator {
     pub fn new(ctx: Arc<Context>, source: SourceMeta) -> BitbakeTranslator {
         BitbakeTranslator {
             ctx,
-            source,
+            source: Arc::new(source),
             cmd: Command::default(),
             preset_vars: None,
             stats: Stats::default(),
@@ -340,18 +341,17 @@ impl BitbakeTranslator {
     }
 
     fn release(&mut self, out: &mut Emit<'_>) {
-        let (Some(fields), Some(id)) = (self.cmd.fields.as_ref(), self.cmd.build_id.as_ref())
-        else {
+        let (Some(fields), Some(_)) = (self.cmd.fields.as_ref(), self.cmd.build_id.as_ref()) else {
             return;
         };
         for mut d in self.cmd.pending.drain(..) {
             let ts = d.payload.common().timestamp.clone();
-            *d.payload.common_mut() = fields.common(id, SYSTEM, ts);
+            *d.payload.common_mut() = fields.common(ts);
             let parts: Vec<&str> = d.entity.iter().map(String::as_str).collect();
-            out(Envelope::new(
+            out(Envelope::with_shared_source(
                 d.payload,
                 &parts,
-                self.source.clone(),
+                Arc::clone(&self.source),
                 &self.ctx.exchange_prefix,
             ));
         }
@@ -379,10 +379,20 @@ impl BitbakeTranslator {
         if !ready && !force {
             return;
         }
-        let rules = self.ctx.rules(SYSTEM);
-        self.cmd.fields = Some(PulseFields::resolve(&rules, &self.ctx.fixed, &self.cmd));
+        let id = self.cmd.build_id.as_deref().unwrap_or_default();
+        self.cmd.fields = Some(PulseFields::resolve(
+            self.ctx.rules(SYSTEM),
+            &self.ctx.fixed,
+            &self.cmd,
+            id,
+            SYSTEM,
+        ));
         self.stats.builds += 1;
-        self.source.tool_version = self.cmd.vars.get("BB_VERSION").cloned();
+        let version = self.cmd.vars.get("BB_VERSION");
+        if self.source.tool_version.as_ref() != version {
+            // Messages already sent keep the source they were sent with.
+            Arc::make_mut(&mut self.source).tool_version = version.cloned();
+        }
         let started = Payload::Build(self.build_payload(BuildState::Started));
         self.cmd.pending.insert(
             0,
@@ -416,7 +426,11 @@ impl BitbakeTranslator {
         let mut metadata: BTreeMap<String, String> = METADATA_VARS
             .iter()
             .chain(DEPLOY_VARS.iter())
-            .filter_map(|k| c.vars.get(*k).map(|v| (k.to_string(), r.keyed(k, v))))
+            .filter_map(|k| {
+                c.vars
+                    .get(*k)
+                    .map(|v| (k.to_string(), r.keyed(k, v).into_owned()))
+            })
             .collect();
         for l in &c.layers {
             let v = format!(
@@ -444,7 +458,7 @@ impl BitbakeTranslator {
             state,
             result,
             targets: c.targets.clone(),
-            command: c.vars.get("BB_CMDLINE").map(|v| r.value(v)),
+            command: c.vars.get("BB_CMDLINE").map(|v| r.value(v).into_owned()),
             started_at: c.id_ms.and_then(time::from_millis),
             finished_at: end.and_then(time::from_millis),
             duration_ms: end.zip(c.id_ms).map(|(e, s)| e - s),
@@ -537,7 +551,7 @@ impl BitbakeTranslator {
         ms: Option<i64>,
         out: &mut Emit<'_>,
     ) {
-        let message = self.ctx.redactor.value(&message);
+        let message = self.ctx.redactor.value(&message).into_owned();
         if level != LogLevel::Warning && self.cmd.first_error.is_none() {
             self.cmd.first_error = message.lines().next().map(str::to_string);
         }

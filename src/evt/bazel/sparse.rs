@@ -1,0 +1,487 @@
+//! Sparse decoding of binary BEP: leaving out, at the wire level, what the translator
+//! never reads.
+//!
+//! A Bazel build spends about half of its decoding time on parts of events buildbus
+//! does not use: the structured command lines' option records (five fields and two tag
+//! lists each, ~90 options per build, of which the translator keeps one or two strings),
+//! and whole payloads such as `OptionsParsed`, `Fetch` or `WorkspaceConfig` whose ids
+//! are all the translator looks at. [`decode`] walks an event's top-level fields first;
+//! an event with none of those is left to prost as it is (most events), and one with
+//! them is decoded without the unread payload, or with a command line that holds only
+//! the fields the translator reads for its label:
+//!
+//! - `original`: the chunks and each option's `combined_form`;
+//! - `canonical`: each option's `option_name` and `option_value`;
+//! - any other label (`tool`): no sections.
+//!
+//! The result is the same typed [`BuildEvent`] the JSON path produces, so one translator
+//! serves both formats; `UNREAD_PAYLOADS` and [`CommandLineNeeds`] must follow what
+//! `translate.rs` reads (the fixture test `sparse_and_full_decoding_translate_alike`
+//! compares the two decodings' messages). Anything unusual (a second payload field, a
+//! repeated command line, deprecated groups, a wire error) goes to prost's full decode,
+//! which also gives the error message for malformed input. Parts that are skipped are
+//! not validated (an invalid UTF-8 string inside an unread option is not an error).
+
+use prost::Message;
+
+use super::proto::build_event_stream as bep;
+use bep::build_event::Payload as P;
+use bep::build_event_id::Id;
+use bep::command_line_section::SectionType;
+
+/// `BuildEvent` payload fields (numbers of the `payload` oneof) the translator never
+/// reads: `expanded` (6), `options_parsed` (13), `fetch` (21), `build_tool_logs` (23),
+/// `workspace_info` (25), `convenience_symlinks_identified` (27), `target_summary`
+/// (28), `exec_request` (29), `test_progress` (30). Their ids still arrive.
+const UNREAD_PAYLOADS: [u32; 9] = [6, 13, 21, 23, 25, 27, 28, 29, 30];
+
+/// `BuildEvent.structured_command_line`.
+const STRUCTURED_COMMAND_LINE: u32 = 22;
+
+/// Whether a `BuildEvent` field number belongs to the `payload` oneof.
+fn is_payload(number: u32) -> bool {
+    matches!(number, 3..=10 | 12..=18 | 21..=30)
+}
+
+/// Protobuf wire types.
+const VARINT: u8 = 0;
+const I64: u8 = 1;
+const LEN: u8 = 2;
+const I32: u8 = 5;
+
+/// One field of a message as it is on the wire.
+struct Field<'a> {
+    number: u32,
+    wire: u8,
+    /// The field's content (for `LEN`, without the length).
+    value: &'a [u8],
+    /// The whole field: key, length and content.
+    raw: &'a [u8],
+}
+
+/// A varint at the start of `buf`: its value and length, or `None` if truncated/overlong.
+fn varint(buf: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &b) in buf.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// The fields of one message, in wire order; `None` at the first malformed byte or a
+/// (deprecated) group.
+fn next_field<'a>(buf: &mut &'a [u8]) -> Option<Option<Field<'a>>> {
+    let all = *buf;
+    if all.is_empty() {
+        return Some(None);
+    }
+    let (key, n) = varint(all)?;
+    let number = u32::try_from(key >> 3).ok().filter(|&n| n > 0)?;
+    let wire = (key & 7) as u8;
+    let rest = &all[n..];
+    let (start, len) = match wire {
+        VARINT => (0, varint(rest)?.1),
+        I64 => (0, 8),
+        I32 => (0, 4),
+        LEN => {
+            let (len, m) = varint(rest)?;
+            (m, usize::try_from(len).ok()?)
+        }
+        _ => return None,
+    };
+    let end = start.checked_add(len).filter(|&e| e <= rest.len())?;
+    *buf = &rest[end..];
+    Some(Some(Field {
+        number,
+        wire,
+        value: &rest[start..end],
+        raw: &all[..n + end],
+    }))
+}
+
+/// Every field of `buf`, or `None` if any is malformed.
+fn fields(mut buf: &[u8]) -> Option<Vec<Field<'_>>> {
+    let mut out = Vec::new();
+    while let Some(f) = next_field(&mut buf)? {
+        out.push(f);
+    }
+    Some(out)
+}
+
+/// A `LEN` field's content as a string (prost's rule: proto3 strings are UTF-8).
+fn string(f: &Field<'_>) -> Option<String> {
+    (f.wire == LEN)
+        .then(|| std::str::from_utf8(f.value).ok().map(str::to_string))
+        .flatten()
+}
+
+/// Decodes `bytes` sparsely if it has parts the translator never reads; `None` means
+/// "decode it in full" (nothing to leave out, or anything unusual).
+pub fn decode(bytes: &[u8]) -> Option<Result<bep::BuildEvent, prost::DecodeError>> {
+    let top = fields(bytes)?;
+    let mut payloads = top.iter().filter(|f| is_payload(f.number));
+    let payload = payloads.next()?;
+    if payloads.next().is_some() {
+        return None;
+    }
+    let unread = UNREAD_PAYLOADS.contains(&payload.number);
+    if !unread && payload.number != STRUCTURED_COMMAND_LINE {
+        return None;
+    }
+    // Everything but the payload (id, children, last_message) goes through prost.
+    let mut rest = Vec::with_capacity(bytes.len() - payload.raw.len());
+    for f in top.iter().filter(|f| f.number != payload.number) {
+        rest.extend_from_slice(f.raw);
+    }
+    let mut ev = match bep::BuildEvent::decode(rest.as_slice()) {
+        Ok(ev) => ev,
+        Err(e) => return Some(Err(e)),
+    };
+    if unread {
+        return Some(Ok(ev));
+    }
+    let label = match ev.id.as_ref().and_then(|i| i.id.as_ref()) {
+        Some(Id::StructuredCommandLine(s)) => s.command_line_label.as_str(),
+        _ => "",
+    };
+    let cl = command_line(payload.value, CommandLineNeeds::of(label))?;
+    ev.payload = Some(P::StructuredCommandLine(cl));
+    Some(Ok(ev))
+}
+
+/// Which parts of a structured command line the translator reads, by its label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommandLineNeeds {
+    /// `original`: chunks and `combined_form`.
+    Original,
+    /// `canonical`: `option_name` and `option_value`.
+    Canonical,
+    /// Anything else: the label only.
+    Nothing,
+}
+
+impl CommandLineNeeds {
+    fn of(label: &str) -> CommandLineNeeds {
+        match label {
+            "original" => CommandLineNeeds::Original,
+            "canonical" => CommandLineNeeds::Canonical,
+            _ => CommandLineNeeds::Nothing,
+        }
+    }
+}
+
+/// A `CommandLine` with only what `needs` asks for; `None` if malformed.
+fn command_line(buf: &[u8], needs: CommandLineNeeds) -> Option<bep::CommandLine> {
+    let mut cl = bep::CommandLine::default();
+    let mut rest = buf;
+    while let Some(f) = next_field(&mut rest)? {
+        match f.number {
+            1 => cl.command_line_label = string(&f)?,
+            2 if f.wire == LEN && needs != CommandLineNeeds::Nothing => {
+                cl.sections.push(section(f.value, needs)?);
+            }
+            2 if f.wire == LEN => {}
+            _ if f.number <= 2 => return None,
+            _ => {}
+        }
+    }
+    Some(cl)
+}
+
+/// One `CommandLineSection` (its label is never read).
+fn section(buf: &[u8], needs: CommandLineNeeds) -> Option<bep::CommandLineSection> {
+    let mut s = bep::CommandLineSection::default();
+    let mut rest = buf;
+    while let Some(f) = next_field(&mut rest)? {
+        if f.wire != LEN {
+            if (1..=3).contains(&f.number) {
+                return None;
+            }
+            continue;
+        }
+        match f.number {
+            2 => {
+                let mut chunks = match s.section_type.take() {
+                    Some(SectionType::ChunkList(c)) => c,
+                    _ => bep::ChunkList::default(),
+                };
+                if needs == CommandLineNeeds::Original {
+                    chunks.merge(f.value).ok()?;
+                }
+                s.section_type = Some(SectionType::ChunkList(chunks));
+            }
+            3 => {
+                let mut list = match s.section_type.take() {
+                    Some(SectionType::OptionList(o)) => o,
+                    _ => bep::OptionList::default(),
+                };
+                let mut opts = f.value;
+                while let Some(o) = next_field(&mut opts)? {
+                    match (o.number, o.wire) {
+                        (1, LEN) => list.option.push(option(o.value, needs)?),
+                        (1, _) => return None,
+                        _ => {}
+                    }
+                }
+                s.section_type = Some(SectionType::OptionList(list));
+            }
+            _ => {}
+        }
+    }
+    Some(s)
+}
+
+/// One `Option`, with the strings `needs` asks for.
+fn option(buf: &[u8], needs: CommandLineNeeds) -> Option<bep::Option> {
+    let mut o = bep::Option::default();
+    let mut rest = buf;
+    while let Some(f) = next_field(&mut rest)? {
+        match (needs, f.number) {
+            (CommandLineNeeds::Original, 1) => o.combined_form = string(&f)?,
+            (CommandLineNeeds::Canonical, 2) => o.option_name = string(&f)?,
+            (CommandLineNeeds::Canonical, 3) => o.option_value = string(&f)?,
+            _ => {}
+        }
+    }
+    Some(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full(bytes: &[u8]) -> bep::BuildEvent {
+        bep::BuildEvent::decode(bytes).unwrap()
+    }
+
+    /// `ev` with only the parts of its command line the translator reads, as `decode`
+    /// should give it.
+    fn trimmed(mut ev: bep::BuildEvent) -> bep::BuildEvent {
+        let label = match ev.id.as_ref().and_then(|i| i.id.as_ref()) {
+            Some(Id::StructuredCommandLine(s)) => s.command_line_label.clone(),
+            _ => String::new(),
+        };
+        match &mut ev.payload {
+            Some(P::StructuredCommandLine(cl)) => {
+                let needs = CommandLineNeeds::of(&label);
+                if needs == CommandLineNeeds::Nothing {
+                    cl.sections.clear();
+                }
+                for s in &mut cl.sections {
+                    s.section_label.clear();
+                    match &mut s.section_type {
+                        Some(SectionType::ChunkList(c)) if needs != CommandLineNeeds::Original => {
+                            c.chunk.clear()
+                        }
+                        Some(SectionType::OptionList(l)) => {
+                            for o in &mut l.option {
+                                let keep = std::mem::take(o);
+                                match needs {
+                                    CommandLineNeeds::Original => {
+                                        o.combined_form = keep.combined_form
+                                    }
+                                    _ => {
+                                        o.option_name = keep.option_name;
+                                        o.option_value = keep.option_value;
+                                    }
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Some(p) if UNREAD_PAYLOADS.iter().any(|&n| payload_number(p) == n) => {
+                ev.payload = None;
+            }
+            _ => {}
+        }
+        ev
+    }
+
+    fn payload_number(p: &P) -> u32 {
+        let mut buf = Vec::new();
+        bep::BuildEvent {
+            payload: Some(p.clone()),
+            ..Default::default()
+        }
+        .encode(&mut buf)
+        .unwrap();
+        let mut b = buf.as_slice();
+        next_field(&mut b).unwrap().unwrap().number
+    }
+
+    /// Every frame of every binary fixture: the sparse decoding is the full decoding
+    /// less exactly the unread parts, and events without those are left to prost.
+    #[test]
+    fn fixture_frames_decode_to_the_full_event_less_the_unread_parts() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bazel");
+        let mut sparse = 0;
+        let mut command_lines = 0;
+        let mut files = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("bin") {
+                continue;
+            }
+            files += 1;
+            let data = std::fs::read(&path).unwrap();
+            let mut buf = data.as_slice();
+            while !buf.is_empty() {
+                let (len, n) = varint(buf).unwrap();
+                let frame = &buf[n..n + len as usize];
+                buf = &buf[n + len as usize..];
+                let expected = full(frame);
+                match decode(frame) {
+                    None => {
+                        let p = expected.payload.as_ref().map(payload_number);
+                        assert!(
+                            p.is_none_or(
+                                |p| !UNREAD_PAYLOADS.contains(&p) && p != STRUCTURED_COMMAND_LINE
+                            ),
+                            "{}: an event with unread parts was not decoded sparsely",
+                            path.display()
+                        );
+                    }
+                    Some(got) => {
+                        sparse += 1;
+                        if matches!(expected.payload, Some(P::StructuredCommandLine(_))) {
+                            command_lines += 1;
+                        }
+                        assert_eq!(got.unwrap(), trimmed(expected), "{}", path.display());
+                    }
+                }
+            }
+        }
+        assert!(files >= 5, "binary fixtures found: {files}");
+        // Each invocation has three structured command lines and an OptionsParsed.
+        assert!(command_lines >= 3 * files, "{command_lines} command lines");
+        assert!(sparse > command_lines, "{sparse} sparse events");
+    }
+
+    /// What matters: every binary fixture translates to the same messages whether its
+    /// events were decoded sparsely or in full.
+    #[test]
+    fn sparse_and_full_decoding_translate_alike() {
+        use crate::evt::{Context, Translator};
+        use crate::model::{Envelope, SourceMeta};
+        use std::sync::Arc;
+
+        let ctx = Arc::new(Context::builtin());
+        let translate = |frames: &[&[u8]], sparse: bool| {
+            let mut t = super::super::BazelTranslator::new(Arc::clone(&ctx), SourceMeta::default());
+            let mut out: Vec<Envelope> = Vec::new();
+            for f in frames {
+                let ev = if sparse {
+                    crate::evt::bazel::codec::decode_binary(f).unwrap()
+                } else {
+                    full(f)
+                };
+                t.event(ev, &mut |e| out.push(e));
+            }
+            t.finish(&mut |e| out.push(e));
+            for e in &mut out {
+                e.meta.sent.clear();
+            }
+            out
+        };
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bazel");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("bin") {
+                continue;
+            }
+            let data = std::fs::read(&path).unwrap();
+            let mut frames = Vec::new();
+            let mut buf = data.as_slice();
+            while !buf.is_empty() {
+                let (len, n) = varint(buf).unwrap();
+                frames.push(&buf[n..n + len as usize]);
+                buf = &buf[n + len as usize..];
+            }
+            let sparse = translate(&frames, true);
+            let full = translate(&frames, false);
+            assert!(!full.is_empty(), "{}", path.display());
+            assert_eq!(sparse, full, "{}", path.display());
+            // The command line (redacted) and option-derived fields are there.
+            let started = full
+                .iter()
+                .find_map(|e| match &e.payload {
+                    crate::model::Payload::Build(b) => Some(b),
+                    _ => None,
+                })
+                .unwrap();
+            assert!(
+                started.command.as_deref().is_some_and(|c| c.contains("--")),
+                "{}: {:?}",
+                path.display(),
+                started.command
+            );
+            checked += 1;
+        }
+        assert!(checked >= 5, "binary fixtures: {checked}");
+    }
+
+    #[test]
+    fn malformed_or_unusual_frames_are_left_to_prost() {
+        // Truncated: a LEN field longer than the frame.
+        assert!(decode(&[0xb2, 0x01, 0x05, 0x0a]).is_none());
+        // A group (wire type 3) at the top level.
+        assert!(decode(&[0x0b, 0x0c]).is_none());
+        // Two payload fields: OptionsParsed (13) then Progress (3).
+        let two = [0x6a, 0x00, 0x1a, 0x00];
+        assert!(decode(&two).is_none());
+        // One unread payload: decoded without it.
+        let ev = decode(&[0x6a, 0x02, 0x0a, 0x00]).unwrap().unwrap();
+        assert_eq!(ev.payload, None);
+        // A command line whose option has invalid UTF-8 in a field that is read: prost
+        // reports it; and the same byte in a field that is not read is skipped.
+        let event = |form: &str, source: &str| {
+            let cl = bep::CommandLine {
+                command_line_label: "original".into(),
+                sections: vec![bep::CommandLineSection {
+                    section_label: "x".into(),
+                    section_type: Some(SectionType::OptionList(bep::OptionList {
+                        option: vec![bep::Option {
+                            combined_form: form.into(),
+                            source: source.into(),
+                            ..Default::default()
+                        }],
+                    })),
+                }],
+            };
+            let ev = bep::BuildEvent {
+                id: Some(bep::BuildEventId {
+                    id: Some(Id::StructuredCommandLine(
+                        bep::build_event_id::StructuredCommandLineId {
+                            command_line_label: "original".into(),
+                        },
+                    )),
+                }),
+                payload: Some(P::StructuredCommandLine(cl)),
+                ..Default::default()
+            };
+            let mut buf = ev.encode_to_vec();
+            let at = buf.iter().position(|&b| b == b'~').unwrap();
+            buf[at] = 0xff;
+            buf
+        };
+        let bad_read = event("--a=~", "rc");
+        assert!(decode(&bad_read).is_none());
+        assert!(crate::evt::bazel::codec::decode_binary(&bad_read).is_err());
+        let bad_unread = event("--a=b", "~");
+        let ev = decode(&bad_unread).unwrap().unwrap();
+        let Some(P::StructuredCommandLine(cl)) = ev.payload else {
+            panic!("no command line: {ev:?}");
+        };
+        let Some(SectionType::OptionList(l)) = &cl.sections[0].section_type else {
+            panic!("no options: {cl:?}");
+        };
+        assert_eq!(l.option[0].combined_form, "--a=b");
+        assert_eq!(l.option[0].source, "");
+    }
+}
