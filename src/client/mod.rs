@@ -507,7 +507,7 @@ impl MonitorBuilder {
     ///     .on_build(|_m, build| -> Result<(), std::io::Error> {
     ///         // An Err (or a panic) is retried, then the message is dead-lettered.
     ///         if build.result.is_some_and(|r| r.as_str() != "success") {
-    ///             std::fs::write("/tmp/last-failure", &build.common.build_id)?;
+    ///             std::fs::write("/tmp/last-failure", &*build.common.build_id)?;
     ///         }
     ///         Ok(())
     ///     })

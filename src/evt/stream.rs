@@ -128,10 +128,14 @@ impl StreamReport {
 }
 
 /// What a reader reports, in order.
+///
+/// A report is handed straight to a callback, never stored, so the message is not
+/// boxed (that was an allocation and two copies per message).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Progress {
     /// A message, with the byte offset just past the event whose processing emitted it.
-    Message(Box<Envelope>, u64),
+    Message(Envelope, u64),
     /// Every message emitted while processing the events up to this offset has been
     /// reported (the reader reached the end of the data for now, or of the input).
     Through(u64),
@@ -171,7 +175,7 @@ pub fn pump<R: BufRead, T: Translator>(
                         let end = f.end;
                         let mut count = |env| {
                             report.messages += 1;
-                            out(Progress::Message(Box::new(env), end))
+                            out(Progress::Message(env, end))
                         };
                         tr.event(ev, &mut count);
                     }
@@ -245,7 +249,7 @@ fn run<R: BufRead, T: Translator>(
                 let end = p.end;
                 let mut count = |env| {
                     report.messages += 1;
-                    out(Progress::Message(Box::new(env), end))
+                    out(Progress::Message(env, end))
                 };
                 tr.event(ev, &mut count);
             }
@@ -269,7 +273,7 @@ fn run<R: BufRead, T: Translator>(
     if !stopped {
         let mut count = |env| {
             report.messages += 1;
-            out(Progress::Message(Box::new(env), end))
+            out(Progress::Message(env, end))
         };
         tr.finish(&mut count);
     }
@@ -285,7 +289,7 @@ pub fn translate_file(
 ) -> StreamReport {
     read_file(path, format, ctx, None, &mut |p| {
         if let Progress::Message(env, _) = p {
-            out(*env)
+            out(env)
         }
     })
 }
@@ -345,7 +349,7 @@ pub fn translate_reader<R: BufRead>(
 ) -> StreamReport {
     drive(reader, name, format, ctx, None, &mut |p| {
         if let Progress::Message(env, _) = p {
-            out(*env)
+            out(env)
         }
     })
 }

@@ -61,6 +61,12 @@ struct Field<'a> {
 
 /// A varint at the start of `buf`: its value and length, or `None` if truncated/overlong.
 fn varint(buf: &[u8]) -> Option<(u64, usize)> {
+    // Keys and most lengths are one byte.
+    match buf.first() {
+        Some(&b) if b < 0x80 => return Some((u64::from(b), 1)),
+        None => return None,
+        _ => {}
+    }
     let mut v = 0u64;
     for (i, &b) in buf.iter().enumerate().take(10) {
         v |= u64::from(b & 0x7f) << (7 * i);
@@ -102,15 +108,6 @@ fn next_field<'a>(buf: &mut &'a [u8]) -> Option<Option<Field<'a>>> {
     }))
 }
 
-/// Every field of `buf`, or `None` if any is malformed.
-fn fields(mut buf: &[u8]) -> Option<Vec<Field<'_>>> {
-    let mut out = Vec::new();
-    while let Some(f) = next_field(&mut buf)? {
-        out.push(f);
-    }
-    Some(out)
-}
-
 /// A `LEN` field's content as a string (prost's rule: proto3 strings are UTF-8).
 fn string(f: &Field<'_>) -> Option<String> {
     (f.wire == LEN)
@@ -121,22 +118,32 @@ fn string(f: &Field<'_>) -> Option<String> {
 /// Decodes `bytes` sparsely if it has parts the translator never reads; `None` means
 /// "decode it in full" (nothing to leave out, or anything unusual).
 pub fn decode(bytes: &[u8]) -> Option<Result<bep::BuildEvent, prost::DecodeError>> {
-    let top = fields(bytes)?;
-    let mut payloads = top.iter().filter(|f| is_payload(f.number));
-    let payload = payloads.next()?;
-    if payloads.next().is_some() {
-        return None;
+    // The one payload field; anything else (id, children, last_message) is kept. Most
+    // events have a payload that is read: they go to prost as soon as it is seen.
+    let mut payload = None;
+    let mut rest = bytes;
+    while let Some(f) = next_field(&mut rest)? {
+        if !is_payload(f.number) {
+            continue;
+        }
+        if payload.is_some()
+            || !(UNREAD_PAYLOADS.contains(&f.number) || f.number == STRUCTURED_COMMAND_LINE)
+        {
+            return None;
+        }
+        payload = Some(f);
     }
+    let payload = payload?;
     let unread = UNREAD_PAYLOADS.contains(&payload.number);
-    if !unread && payload.number != STRUCTURED_COMMAND_LINE {
-        return None;
+    // Everything but the payload goes through prost.
+    let mut kept = Vec::with_capacity(bytes.len() - payload.raw.len());
+    let mut rest = bytes;
+    while let Some(f) = next_field(&mut rest)? {
+        if f.number != payload.number {
+            kept.extend_from_slice(f.raw);
+        }
     }
-    // Everything but the payload (id, children, last_message) goes through prost.
-    let mut rest = Vec::with_capacity(bytes.len() - payload.raw.len());
-    for f in top.iter().filter(|f| f.number != payload.number) {
-        rest.extend_from_slice(f.raw);
-    }
-    let mut ev = match bep::BuildEvent::decode(rest.as_slice()) {
+    let mut ev = match bep::BuildEvent::decode(kept.as_slice()) {
         Ok(ev) => ev,
         Err(e) => return Some(Err(e)),
     };
