@@ -30,6 +30,13 @@ pub struct Record {
     pub message: String,
 }
 
+/// The line prefixes of records, and their levels.
+const LEVELS: [(&str, LogLevel); 3] = [
+    ("ERROR:", LogLevel::Error),
+    ("WARNING:", LogLevel::Warning),
+    ("FATAL:", LogLevel::Critical),
+];
+
 /// Removes ANSI escapes and keeps only what a terminal would show after `\r` redraws.
 pub fn clean(text: &str) -> String {
     let text = ANSI.replace_all(text, "");
@@ -40,11 +47,7 @@ pub fn clean(text: &str) -> String {
 }
 
 fn level_of(line: &str) -> Option<(LogLevel, &str)> {
-    for (prefix, level) in [
-        ("ERROR:", LogLevel::Error),
-        ("WARNING:", LogLevel::Warning),
-        ("FATAL:", LogLevel::Critical),
-    ] {
+    for &(prefix, level) in &LEVELS {
         if let Some(rest) = line.strip_prefix(prefix) {
             return Some((level, rest.trim_start()));
         }
@@ -54,6 +57,11 @@ fn level_of(line: &str) -> Option<(LogLevel, &str)> {
 
 /// The warning and error records in `text`, in order.
 pub fn records(text: &str) -> Vec<Record> {
+    // Most console output has no record: without escapes, cleaning only drops what comes
+    // before a `\r`, so a level word that is not in the raw text cannot be in the clean.
+    if !text.contains('\x1b') && !LEVELS.iter().any(|(prefix, _)| text.contains(prefix)) {
+        return Vec::new();
+    }
     let text = clean(text);
     let mut out: Vec<Record> = Vec::new();
     let mut open = false;
@@ -91,6 +99,18 @@ pub fn first_label(message: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shortcut for text without records keeps everything a record can hide in.
+    #[test]
+    fn records_behind_escapes_and_redraws_are_found() {
+        assert!(records("Loading: 3 packages\nINFO: Build completed\n").is_empty());
+        let split = records("\x1b[31mERR\x1b[0mOR: split by an escape\n");
+        assert_eq!(split.len(), 1);
+        assert_eq!(split[0].message, "split by an escape");
+        let redrawn = records("[1 / 2] building\rWARNING: after a redraw\n");
+        assert_eq!(redrawn.len(), 1);
+        assert_eq!(redrawn[0].level, LogLevel::Warning);
+    }
 
     #[test]
     fn records_take_continuation_lines() {

@@ -261,7 +261,7 @@ impl BazelTranslator {
     }
 
     /// Feeds an event that came with a transport timestamp (BES `event_time`).
-    pub fn event_at(&mut self, ev: BuildEvent, time_ms: Option<i64>, out: &mut Emit<'_>) {
+    pub fn event_at(&mut self, ev: Box<BuildEvent>, time_ms: Option<i64>, out: &mut Emit<'_>) {
         self.event_time_ms = time_ms;
         self.event(ev, out);
         self.event_time_ms = None;
@@ -271,10 +271,17 @@ impl BazelTranslator {
         self.event_time_ms.or(self.build.started_ms)
     }
 
+    /// The common part of a new draft: the final one once the fields are frozen (the
+    /// usual case), else a placeholder with only the timestamp (an empty `build_id`),
+    /// filled in by [`BazelTranslator::send`].
     fn common_placeholder(&self, ts_ms: Option<i64>) -> Common {
-        Common {
-            timestamp: ts_ms.or(self.fallback_ms()).and_then(time::from_millis),
-            ..Common::default()
+        let timestamp = ts_ms.or(self.fallback_ms()).and_then(time::from_millis);
+        match &self.build.fields {
+            Some(fields) => fields.common(timestamp),
+            None => Common {
+                timestamp,
+                ..Common::default()
+            },
         }
     }
 
@@ -334,8 +341,10 @@ impl BazelTranslator {
         let (Some(fields), Some(id)) = (self.build.fields.as_ref(), self.build.id.as_ref()) else {
             return;
         };
-        let ts = d.payload.common_mut().timestamp.take();
-        *d.payload.common_mut() = fields.common(ts);
+        let c = d.payload.common_mut();
+        if c.build_id.is_empty() {
+            *c = fields.common(c.timestamp.take());
+        }
         // The build id is the one the entity id was made with: a new build id is only
         // taken after everything of the previous build was released.
         let entity_id = match d.entity {
@@ -931,16 +940,16 @@ impl BazelTranslator {
 }
 
 impl Translator for BazelTranslator {
-    type Event = BuildEvent;
+    type Event = Box<BuildEvent>;
 
-    fn event(&mut self, ev: BuildEvent, out: &mut Emit<'_>) {
+    fn event(&mut self, ev: Box<BuildEvent>, out: &mut Emit<'_>) {
         self.stats.events += 1;
         let BuildEvent {
             id,
             children,
             last_message,
             payload,
-        } = ev;
+        } = *ev;
         let Some(id) = id.and_then(|i| i.id) else {
             self.stats.unknown += 1;
             return;

@@ -171,7 +171,7 @@ pub fn translate(
     let mut tr = crate::evt::bazel::BazelTranslator::new(ctx, crate::model::SourceMeta::default());
     let mut out = Vec::new();
     for ev in bazel_events(calls) {
-        tr.event(ev, &mut |e| out.push(e));
+        tr.event(Box::new(ev), &mut |e| out.push(e));
     }
     tr.finish(&mut |e| out.push(e));
     out

@@ -31,7 +31,6 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::Status;
@@ -44,7 +43,6 @@ use super::spool::{Record, SpoolFile};
 use crate::bus::message::Outgoing;
 use crate::bus::publish::Publisher;
 use crate::bus::BusError;
-use crate::evt::bazel::proto::build_event_stream::BuildEvent;
 use crate::evt::bazel::BazelTranslator;
 use crate::evt::Translator;
 use crate::model::{Envelope, SourceMeta};
@@ -479,7 +477,7 @@ impl Invocation {
     }
 
     fn translate_bazel(&mut self, seq: i64, bytes: &[u8], out: &mut dyn FnMut(Envelope)) {
-        match BuildEvent::decode(bytes) {
+        match crate::evt::bazel::codec::decode_binary(bytes) {
             Ok(ev) => self.translator.event(ev, out),
             Err(e) => {
                 self.stats.bad_events += 1;
