@@ -86,6 +86,17 @@ impl Context {
         Context::new(&Config::builtin(), &FieldValues::default())
     }
 
+    /// The Pulse fields of build `build_id` of `system`, frozen from its state `src`
+    /// with this context's rules and fixed values.
+    pub fn pulse_fields(
+        &self,
+        system: &str,
+        src: &dyn fields::RuleSource,
+        build_id: &str,
+    ) -> fields::PulseFields {
+        fields::PulseFields::resolve(self.rules(system), &self.fixed, src, build_id, system)
+    }
+
     /// The derivation rules of a build system.
     pub fn rules(&self, system: &str) -> &DeriveRules {
         static NONE: std::sync::LazyLock<DeriveRules> =

@@ -390,13 +390,7 @@ impl BazelTranslator {
                 .cloned();
         }
         let id = self.build.id.as_deref().unwrap_or_default();
-        self.build.fields = Some(PulseFields::resolve(
-            self.ctx.rules(SYSTEM),
-            &self.ctx.fixed,
-            &self.build,
-            id,
-            SYSTEM,
-        ));
+        self.build.fields = Some(self.ctx.pulse_fields(SYSTEM, &self.build, id));
         // The started message goes first.
         let started = Payload::Build(self.build_payload(BuildState::Started));
         let entity = self.entity(Kind::Build, &[]);

@@ -380,13 +380,7 @@ impl BitbakeTranslator {
             return;
         }
         let id = self.cmd.build_id.as_deref().unwrap_or_default();
-        self.cmd.fields = Some(PulseFields::resolve(
-            self.ctx.rules(SYSTEM),
-            &self.ctx.fixed,
-            &self.cmd,
-            id,
-            SYSTEM,
-        ));
+        self.cmd.fields = Some(self.ctx.pulse_fields(SYSTEM, &self.cmd, id));
         self.stats.builds += 1;
         let version = self.cmd.vars.get("BB_VERSION");
         if self.source.tool_version.as_ref() != version {
