@@ -59,6 +59,10 @@ pub struct BesArgs {
     /// the events before them).
     #[arg(long, conflicts_with = "spool")]
     pub no_spool: bool,
+    /// Remove, at start, spool files not written for this long (seconds): invocations
+    /// whose client will not retry any more.
+    #[arg(long, default_value_t = 86_400, value_name = "SECS")]
+    pub spool_max_age: u64,
     /// End a build as incomplete when its stream is silent this long (seconds).
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub idle_timeout: u64,
@@ -118,6 +122,7 @@ pub fn run(cli: &Cli, a: &BesArgs) -> anyhow::Result<ExitCode> {
     });
     let mut bcfg = BesConfig::new(a.listen, publisher);
     bcfg.idle_timeout = Duration::from_secs(a.idle_timeout.max(1));
+    bcfg.spool_max_age = Duration::from_secs(a.spool_max_age);
     bcfg.spool = if a.no_spool {
         None
     } else {

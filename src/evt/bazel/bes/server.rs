@@ -92,6 +92,8 @@ pub struct BesConfig {
     pub publisher: Option<PublisherConfig>,
     /// Where open invocations' events are kept for restarts (`None`: no spool).
     pub spool: Option<PathBuf>,
+    /// Spool files not written for this long are removed when the backend starts.
+    pub spool_max_age: Duration,
     /// An invocation whose stream stays silent this long is ended as incomplete.
     pub idle_timeout: Duration,
     pub auth: Auth,
@@ -106,6 +108,7 @@ impl BesConfig {
             listen,
             publisher,
             spool: None,
+            spool_max_age: Duration::from_secs(86_400),
             idle_timeout: Duration::from_secs(600),
             auth: Auth::None,
             tls: None,
@@ -254,6 +257,20 @@ pub async fn start(cfg: BesConfig, ctx: Arc<Context>) -> Result<Backend, BesErro
         })?),
         None => None,
     };
+    if let Some(s) = &spool {
+        match s.sweep(cfg.spool_max_age) {
+            Ok(removed) => {
+                for p in removed {
+                    tracing::warn!(
+                        "{}: spool of an invocation silent for over {} s removed",
+                        p.display(),
+                        cfg.spool_max_age.as_secs()
+                    );
+                }
+            }
+            Err(e) => tracing::warn!("{}: cannot sweep the spool: {e}", s.dir().display()),
+        }
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| BesError::Listen {

@@ -12,7 +12,9 @@
 //! One file per invocation, `<invocation>.spool`: records of varint sequence number,
 //! varint length, the event's protobuf bytes. A torn record at the end (a crash while
 //! writing) is ignored. The spool is synced before acks move past what it holds, and
-//! removed when the invocation is done.
+//! removed when the invocation is done. Files of invocations that never finished and
+//! never came back (a backend killed for good, a client that gave up) are swept when a
+//! backend starts, once they have not been written for a while ([`Spool::sweep`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
@@ -145,6 +147,32 @@ impl Spool {
         })
     }
 
+    /// Removes the spool files (and torn temporary files) not written for `older_than`:
+    /// invocations no client will retry any more. Returns the paths removed.
+    pub fn sweep(&self, older_than: std::time::Duration) -> io::Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if !(name.ends_with(".spool") || name.ends_with(".spool.tmp")) {
+                continue;
+            }
+            let stale = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > older_than);
+            if stale {
+                match fs::remove_file(&path) {
+                    Ok(()) => removed.push(path),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!("{}: cannot remove stale spool: {e}", path.display()),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Forgets an invocation.
     pub fn remove(&self, invocation: &str) {
         let path = self.path(invocation);
@@ -222,5 +250,37 @@ mod tests {
             "x2e2e2f6574632f706173737764.spool"
         );
         assert_eq!(file_name(""), "x.spool");
+    }
+
+    #[test]
+    fn stale_files_are_swept_and_fresh_ones_kept() {
+        use std::time::{Duration, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut fresh = spool.create("fresh", &[rec(1, "a")]).unwrap();
+        fresh.sync().unwrap();
+        spool.create("old", &[rec(1, "b")]).unwrap();
+        let old = spool.path("old");
+        let torn = dir.path().join("gone.spool.tmp");
+        let other = dir.path().join("notes.txt");
+        std::fs::write(&torn, b"x").unwrap();
+        std::fs::write(&other, b"x").unwrap();
+        let day_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
+        for p in [&old, &torn, &other] {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(day_ago)
+                .unwrap();
+        }
+        let mut removed = spool.sweep(Duration::from_secs(86_400)).unwrap();
+        removed.sort();
+        let mut want = vec![old.clone(), torn.clone()];
+        want.sort();
+        assert_eq!(removed, want);
+        assert!(!old.exists() && !torn.exists());
+        assert!(other.exists(), "not a spool file");
+        assert_eq!(spool.load("fresh", i64::MAX).unwrap().len(), 1);
     }
 }
