@@ -122,7 +122,7 @@ pub fn artifacts_for_build(
         tool_version: None,
     });
     let mut common = b.common.clone();
-    common.timestamp = b.finished_at.clone().or(common.timestamp);
+    common.timestamp = b.finished_at.as_deref().map(Arc::from).or(common.timestamp);
     Ok(BuildArtifacts {
         envelopes: envelopes(&scanned.artifacts, &common, source, prefix),
         report: scanned.report,

@@ -227,7 +227,7 @@ pub async fn reconcile(
     // 2. The new set, recorded before any binding changes.
     let record = Record {
         queue: queue.to_string(),
-        written: crate::model::time::now(),
+        written: crate::model::time::now().to_string(),
         bindings: bindings.to_vec(),
     };
     let body = serde_json::to_vec(&record).unwrap_or_default();

@@ -96,7 +96,7 @@ impl PulseFields {
     }
 
     /// The common payload part for one message of this build.
-    pub fn common(&self, timestamp: Option<String>) -> Common {
+    pub fn common(&self, timestamp: Option<Arc<str>>) -> Common {
         Common {
             timestamp,
             ..self.common.clone()

@@ -117,7 +117,7 @@ pub struct Meta {
     pub schema: Cow<'static, str>,
     /// When the message was produced (RFC 3339); the only field that differs between
     /// two translations of one stream.
-    pub sent: String,
+    pub sent: Arc<str>,
     pub serializer: Cow<'static, str>,
     /// Shared by every message read from one input (read it as a `SourceMeta`).
     #[serde(with = "shared_source")]
@@ -159,7 +159,7 @@ pub struct Common {
     pub branch: Option<Arc<str>>,
     pub tags: Arc<[String]>,
     /// When the described event happened (RFC 3339).
-    pub timestamp: Option<String>,
+    pub timestamp: Option<Arc<str>>,
 }
 
 /// Host and user that ran the build, where known.

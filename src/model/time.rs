@@ -3,16 +3,22 @@
 //! Every timestamp in a payload is an RFC 3339 string in UTC with millisecond
 //! precision (`2026-11-21T10:56:18.674Z`), so text order equals time order.
 
+use std::cell::RefCell;
+use std::sync::Arc;
+
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 
 /// Milliseconds since the Unix epoch as RFC 3339, or `None` when out of range.
-///
-/// The last time formatted on each thread is kept: most messages of a build carry the
-/// same few times (the build's start stands in for events that have none).
 pub fn from_millis(ms: i64) -> Option<String> {
-    use std::cell::RefCell;
+    shared(ms).map(|t| t.to_string())
+}
+
+/// [`from_millis`], shared: the last time formatted on each thread is kept, and most
+/// messages of a build carry the same few times (the build's start stands in for events
+/// that have none), so a payload's `timestamp` is usually one more reference to it.
+pub fn shared(ms: i64) -> Option<Arc<str>> {
     thread_local! {
-        static LAST: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+        static LAST: RefCell<(i64, Option<Arc<str>>)> = const { RefCell::new((i64::MIN, None)) };
     }
     LAST.with(|last| {
         let mut last = last.borrow_mut();
@@ -21,9 +27,9 @@ pub fn from_millis(ms: i64) -> Option<String> {
                 .timestamp_millis_opt(ms)
                 .single()?
                 .to_rfc3339_opts(SecondsFormat::Millis, true);
-            *last = (ms, text);
+            *last = (ms, Some(text.into()));
         }
-        Some(last.1.clone())
+        last.1.clone()
     })
 }
 
@@ -48,20 +54,19 @@ pub fn from_secs_nanos(secs: i64, nanos: i32) -> Option<String> {
 }
 
 /// The current time, for `_meta.sent`. Formatted at most once per millisecond per
-/// thread: a translator sends thousands of messages in one.
-pub fn now() -> String {
-    use std::cell::RefCell;
+/// thread and shared: a translator sends thousands of messages in one.
+pub fn now() -> Arc<str> {
     thread_local! {
-        static LAST: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+        static LAST: RefCell<(i64, Arc<str>)> = RefCell::new((i64::MIN, Arc::from("")));
     }
     let t = Utc::now();
     let ms = t.timestamp_millis();
     LAST.with(|last| {
         let mut last = last.borrow_mut();
         if last.0 != ms {
-            *last = (ms, t.to_rfc3339_opts(SecondsFormat::Millis, true));
+            *last = (ms, t.to_rfc3339_opts(SecondsFormat::Millis, true).into());
         }
-        last.1.clone()
+        Arc::clone(&last.1)
     })
 }
 

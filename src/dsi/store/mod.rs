@@ -476,15 +476,15 @@ fn validate(env: &Envelope) -> Result<Msg<'_>, String> {
     if has_nul(&body) {
         return Err("a string contains a NUL character (U+0000)".to_string());
     }
-    let ts = |name: &str, v: &Option<String>| -> Result<Option<DateTime<Utc>>, String> {
-        v.as_deref().map(|s| parse_time(name, s)).transpose()
+    let ts = |name: &str, v: Option<&str>| -> Result<Option<DateTime<Utc>>, String> {
+        v.map(|s| parse_time(name, s)).transpose()
     };
     let mut m = Msg {
         env,
         body,
         rank: state_rank(kind, &state),
         sent: Some(parse_time("_meta.sent", &meta.sent)?),
-        timestamp: ts("payload.timestamp", &c.timestamp)?,
+        timestamp: ts("payload.timestamp", c.timestamp.as_deref())?,
         started_at: None,
         finished_at: None,
         size: None,
@@ -492,15 +492,15 @@ fn validate(env: &Envelope) -> Result<Msg<'_>, String> {
     };
     match &env.payload {
         Payload::Build(b) => {
-            m.started_at = ts("payload.started_at", &b.started_at)?;
-            m.finished_at = ts("payload.finished_at", &b.finished_at)?;
+            m.started_at = ts("payload.started_at", b.started_at.as_deref())?;
+            m.finished_at = ts("payload.finished_at", b.finished_at.as_deref())?;
         }
         Payload::Task(t) => {
-            m.started_at = ts("payload.started_at", &t.started_at)?;
-            m.finished_at = ts("payload.finished_at", &t.finished_at)?;
+            m.started_at = ts("payload.started_at", t.started_at.as_deref())?;
+            m.finished_at = ts("payload.finished_at", t.finished_at.as_deref())?;
         }
         Payload::Artifact(a) => {
-            m.mtime = ts("payload.mtime", &a.mtime)?;
+            m.mtime = ts("payload.mtime", a.mtime.as_deref())?;
             m.size = a
                 .size
                 .map(|s| {

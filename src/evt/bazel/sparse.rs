@@ -391,7 +391,7 @@ mod tests {
             }
             t.finish(&mut |e| out.push(e));
             for e in &mut out {
-                e.meta.sent.clear();
+                e.meta.sent = std::sync::Arc::from("");
             }
             out
         };

@@ -216,11 +216,43 @@ fn file_uri(f: &bep::File) -> Option<String> {
     }
 }
 
+/// Calls `f` with the files of the named sets `roots`, through their nested sets, each
+/// set once, depth first in order.
+fn named_set_files<'a>(
+    sets: &'a HashMap<String, NamedSet>,
+    roots: &'a [bep::build_event_id::NamedSetOfFilesId],
+    mut f: impl FnMut(&'a bep::File),
+) {
+    // The usual case: one set without nested sets, nothing to remember.
+    if let [root] = roots {
+        match sets.get(&root.id) {
+            None => return,
+            Some(set) if set.sets.is_empty() => return set.files.iter().for_each(f),
+            Some(_) => {}
+        }
+    }
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut stack: Vec<&str> = roots.iter().rev().map(|r| r.id.as_str()).collect();
+    while let Some(id) = stack.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        if let Some(set) = sets.get(id) {
+            set.files.iter().for_each(&mut f);
+            stack.extend(set.sets.iter().map(String::as_str).rev());
+        }
+    }
+}
+
 /// A file's path: its prefix and name, else the local path of a `file://` URI, else its name.
 fn file_path(f: &bep::File) -> String {
     if !f.path_prefix.is_empty() {
-        let mut p = f.path_prefix.join("/");
-        p.push('/');
+        let len = f.path_prefix.iter().map(|p| p.len() + 1).sum::<usize>() + f.name.len();
+        let mut p = String::with_capacity(len);
+        for part in &f.path_prefix {
+            p.push_str(part);
+            p.push('/');
+        }
         p.push_str(&f.name);
         return p;
     }
@@ -275,7 +307,7 @@ impl BazelTranslator {
     /// usual case), else a placeholder with only the timestamp (an empty `build_id`),
     /// filled in by [`BazelTranslator::send`].
     fn common_placeholder(&self, ts_ms: Option<i64>) -> Common {
-        let timestamp = ts_ms.or(self.fallback_ms()).and_then(time::from_millis);
+        let timestamp = ts_ms.or(self.fallback_ms()).and_then(time::shared);
         match &self.build.fields {
             Some(fields) => fields.common(timestamp),
             None => Common {
@@ -522,23 +554,6 @@ impl BazelTranslator {
         self.build.done = true;
     }
 
-    /// The files of the named sets `roots`, through their nested sets, each set once.
-    fn named_set_files<'a>(&'a self, roots: &[&'a str]) -> Vec<&'a bep::File> {
-        let mut seen: HashSet<&str> = HashSet::new();
-        let mut stack: Vec<&str> = roots.iter().rev().copied().collect();
-        let mut files = Vec::new();
-        while let Some(id) = stack.pop() {
-            if !seen.insert(id) {
-                continue;
-            }
-            if let Some(set) = self.build.named_sets.get(id) {
-                files.extend(&set.files);
-                stack.extend(set.sets.iter().map(String::as_str).rev());
-            }
-        }
-        files
-    }
-
     /// An artifact message for file `f`, whose path is `path`.
     fn artifact_payload(
         &self,
@@ -571,65 +586,27 @@ impl BazelTranslator {
         let cfg = config_id(&id.configuration);
         self.note_config(cfg, out);
         let task = if id.aspect.is_empty() {
-            "build".to_string()
+            "build"
         } else {
-            id.aspect.clone()
+            id.aspect.as_str()
         };
-        // The output files' artifacts are made while the named sets are borrowed, and
-        // sent after the task.
-        let mut artifacts = Vec::new();
         let (outcome, failure) = match payload {
-            Some(P::Completed(c)) => {
-                let outcome = if c.success {
+            Some(P::Completed(c)) => (
+                if c.success {
                     TaskOutcome::Succeeded
                 } else {
                     TaskOutcome::Failed
-                };
-                let failure = c.failure_detail.as_ref().and_then(|d| nonempty(&d.message));
-                let mut groups: Vec<(&str, Vec<&str>)> = c
-                    .output_group
-                    .iter()
-                    .map(|g| {
-                        (
-                            g.name.as_str(),
-                            g.file_sets.iter().map(|s| s.id.as_str()).collect(),
-                        )
-                    })
-                    .collect();
-                groups.sort();
-                let mut files: Vec<(&str, &bep::File)> = Vec::new();
-                for (name, sets) in &groups {
-                    for f in self.named_set_files(sets) {
-                        files.push((name, f));
-                    }
-                }
-                if groups.is_empty() {
-                    files.extend(c.important_output.iter().map(|f| ("default", f)));
-                }
-                let mut seen = HashSet::new();
-                for (group, f) in files {
-                    let path = file_path(f);
-                    if !seen.insert(path.clone()) {
-                        continue;
-                    }
-                    let kind = if group == "default" {
-                        "output".to_string()
-                    } else {
-                        format!("output:{group}")
-                    };
-                    let entity = self.entity(Kind::Artifact, &[&id.label, cfg, &path]);
-                    let p = self.artifact_payload(f, path, kind, Some(&id.label), None);
-                    artifacts.push((p, entity));
-                }
-                (outcome, failure)
-            }
+                },
+                c.failure_detail.as_ref().and_then(|d| nonempty(&d.message)),
+            ),
             Some(P::Aborted(a)) => (TaskOutcome::NotExecuted, nonempty(&a.description)),
             _ => (TaskOutcome::Failed, None),
         };
+        let entity = self.entity(Kind::Task, &[&id.label, cfg, task]);
         let p = TaskPayload {
             common: self.common_placeholder(None),
             target: id.label.clone(),
-            task: task.clone(),
+            task: task.to_string(),
             outcome,
             sstate_result: SstateResult::Na,
             started_at: None,
@@ -640,11 +617,68 @@ impl BazelTranslator {
             target_kind: self.build.target_kinds.get(&id.label).cloned(),
             failure,
         };
-        let entity = self.entity(Kind::Task, &[&id.label, cfg, &task]);
         self.draft(Payload::Task(p), entity, out);
-        for (p, entity) in artifacts {
+        if let Some(P::Completed(c)) = payload {
+            self.on_outputs(id, cfg, c, out);
+        }
+    }
+
+    /// The artifact messages of a completed target's output files: by output group
+    /// (sorted), through the groups' named sets, each path once.
+    fn on_outputs(
+        &mut self,
+        id: &bep::build_event_id::TargetCompletedId,
+        cfg: &str,
+        c: &bep::TargetComplete,
+        out: &mut Emit<'_>,
+    ) {
+        let mut groups: Vec<&bep::OutputGroup> = c.output_group.iter().collect();
+        groups.sort_by(|a, b| {
+            a.name.cmp(&b.name).then_with(|| {
+                a.file_sets
+                    .iter()
+                    .map(|s| &s.id)
+                    .cmp(b.file_sets.iter().map(|s| &s.id))
+            })
+        });
+        let mut files: Vec<(&str, &bep::File)> = Vec::new();
+        if groups.is_empty() {
+            files.extend(c.important_output.iter().map(|f| ("default", f)));
+        }
+        // The named sets are borrowed while the messages are drafted.
+        let sets = std::mem::take(&mut self.build.named_sets);
+        for g in groups {
+            named_set_files(&sets, &g.file_sets, |f| files.push((&g.name, f)));
+        }
+        let mut paths: Vec<String> = files.iter().map(|(_, f)| file_path(f)).collect();
+        let mut seen: HashSet<&str> = HashSet::new();
+        let first: Vec<bool> = (0..paths.len())
+            .map(|i| {
+                let p = paths[i].as_str();
+                // Few files: a look back is cheaper than hashing.
+                if paths.len() <= 8 {
+                    !paths[..i].iter().any(|q| q == p)
+                } else {
+                    seen.insert(p)
+                }
+            })
+            .collect();
+        drop(seen);
+        for (i, (group, f)) in files.into_iter().enumerate() {
+            if !first[i] {
+                continue;
+            }
+            let path = std::mem::take(&mut paths[i]);
+            let kind = if group == "default" {
+                "output".to_string()
+            } else {
+                format!("output:{group}")
+            };
+            let entity = self.entity(Kind::Artifact, &[&id.label, cfg, &path]);
+            let p = self.artifact_payload(f, path, kind, Some(&id.label), None);
             self.draft(p, entity, out);
         }
+        self.build.named_sets = sets;
     }
 
     fn on_action(
@@ -888,7 +922,7 @@ impl BazelTranslator {
         }
         self.stats.builds += 1;
         // Messages that came before `started` got no timestamp: give them the start.
-        let started = self.build.started_ms.and_then(time::from_millis);
+        let started = self.build.started_ms.and_then(time::shared);
         for d in &mut self.build.pending {
             let c = d.payload.common_mut();
             if c.timestamp.is_none() {

@@ -321,7 +321,7 @@ impl BitbakeTranslator {
 
     fn common_at(&self, ms: Option<i64>) -> Common {
         Common {
-            timestamp: self.now_ms(ms).and_then(time::from_millis),
+            timestamp: self.now_ms(ms).and_then(time::shared),
             ..Common::default()
         }
     }
@@ -345,7 +345,7 @@ impl BitbakeTranslator {
             return;
         };
         for mut d in self.cmd.pending.drain(..) {
-            let ts = d.payload.common().timestamp.clone();
+            let ts = d.payload.common_mut().timestamp.take();
             *d.payload.common_mut() = fields.common(ts);
             let parts: Vec<&str> = d.entity.iter().map(String::as_str).collect();
             out(Envelope::with_shared_source(
