@@ -142,7 +142,7 @@ pub enum Progress {
 }
 
 /// Decodes one framed event.
-pub type Decoder<E> = dyn Fn(&[u8]) -> Result<E, Reason>;
+pub type Decoder<'a, E> = dyn Fn(&[u8]) -> Result<E, Reason> + 'a;
 
 /// Where a reader reports to.
 pub type Sink<'a> = dyn FnMut(Progress) + 'a;
@@ -160,7 +160,7 @@ pub struct Follow {
 /// left at the end (if any), for the caller to judge (a follower waits for more).
 pub fn pump<R: BufRead, T: Translator>(
     framer: &mut Framer<R>,
-    decode: &Decoder<T::Event>,
+    decode: &Decoder<'_, T::Event>,
     tr: &mut T,
     report: &mut StreamReport,
     out: &mut Sink<'_>,
@@ -204,7 +204,7 @@ fn run<R: BufRead, T: Translator>(
     format: Format,
     origin: &str,
     ctx: &Context,
-    decode: &Decoder<T::Event>,
+    decode: &Decoder<'_, T::Event>,
     tr: &mut T,
     report: &mut StreamReport,
     follow: Option<&Follow>,
@@ -391,9 +391,11 @@ fn drive<R: BufRead>(
     match format {
         Format::BepJson | Format::BepBinary => {
             let mut tr = BazelTranslator::new(ctx.clone(), source);
+            let needs = BazelTranslator::decode_needs(ctx);
+            let binary = |b: &[u8]| codec::decode_binary(b, &needs);
             let decode: &dyn Fn(&[u8]) -> _ = match format {
                 Format::BepJson => &codec::decode_json,
-                _ => &codec::decode_binary,
+                _ => &binary,
             };
             run(
                 reader,

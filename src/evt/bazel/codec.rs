@@ -8,6 +8,7 @@
 use prost::Message;
 
 use super::proto::build_event_stream::BuildEvent;
+pub use super::sparse::Needs;
 use crate::evt::error::Reason;
 
 /// Decodes one line of `--build_event_json_file` (proto3 JSON).
@@ -17,9 +18,9 @@ pub fn decode_json(bytes: &[u8]) -> Result<Box<BuildEvent>, Reason> {
 }
 
 /// Decodes one frame of `--build_event_binary_file` (without its length prefix),
-/// leaving out what the translator never reads (see [`super::sparse`]).
-pub fn decode_binary(bytes: &[u8]) -> Result<Box<BuildEvent>, Reason> {
-    super::sparse::decode(bytes)
+/// leaving out what the translator never reads given `needs` (see [`super::sparse`]).
+pub fn decode_binary(bytes: &[u8], needs: &Needs) -> Result<Box<BuildEvent>, Reason> {
+    super::sparse::decode(bytes, needs)
         .unwrap_or_else(|| {
             let mut ev = Box::<BuildEvent>::default();
             ev.merge(bytes).map(|()| ev)
@@ -39,7 +40,7 @@ mod tests {
             Err(Reason::InvalidUtf8(0))
         ));
         assert!(matches!(
-            decode_binary(&[0x0a, 0x05, 0x01]),
+            decode_binary(&[0x0a, 0x05, 0x01], &Needs::ALL),
             Err(Reason::Protobuf(_))
         ));
     }

@@ -115,9 +115,63 @@ fn string(f: &Field<'_>) -> Option<String> {
         .flatten()
 }
 
-/// Decodes `bytes` sparsely if it has parts the translator never reads; `None` means
-/// "decode it in full" (nothing to leave out, or anything unusual).
-pub fn decode(bytes: &[u8]) -> Option<Result<Box<bep::BuildEvent>, prost::DecodeError>> {
+/// What the translator reads that depends on the configuration: the options of the
+/// canonical command line that `option:NAME` rules name (a build has dozens, and a rule
+/// names one or two).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needs {
+    /// `None`: every option.
+    options: Option<Vec<String>>,
+}
+
+impl Needs {
+    /// Every option (what any configuration could read).
+    pub const ALL: Needs = Needs { options: None };
+
+    /// What the derivation rules `rules` can ask for (`option:NAME`, also inside
+    /// `repo:`).
+    pub fn of(rules: &crate::config::DeriveRules) -> Needs {
+        let r = rules;
+        let mut options: Vec<String> = Vec::new();
+        let all = [
+            &r.tree,
+            &r.platform,
+            &r.buildtype,
+            &r.product,
+            &r.revision,
+            &r.branch,
+            &r.tags,
+        ];
+        for rule in all.into_iter().flatten() {
+            let mut rule = rule.as_str();
+            while let Some(inner) = rule.strip_prefix("repo:") {
+                rule = inner;
+            }
+            if let Some(name) = rule.strip_prefix("option:") {
+                if !options.iter().any(|o| o == name) {
+                    options.push(name.to_string());
+                }
+            }
+        }
+        Needs {
+            options: Some(options),
+        }
+    }
+
+    /// Whether the canonical option named `name` (its bytes on the wire) is read.
+    fn option(&self, name: &[u8]) -> bool {
+        self.options
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|n| n.as_bytes() == name))
+    }
+}
+
+/// Decodes `bytes` sparsely if it has parts the translator never reads (given `needs`);
+/// `None` means "decode it in full" (nothing to leave out, or anything unusual).
+pub fn decode(
+    bytes: &[u8],
+    needs: &Needs,
+) -> Option<Result<Box<bep::BuildEvent>, prost::DecodeError>> {
     // The one payload field; anything else (id, children, last_message) is kept. Most
     // events have a payload that is read: they go to prost as soon as it is seen.
     let mut payload = None;
@@ -135,16 +189,11 @@ pub fn decode(bytes: &[u8]) -> Option<Result<Box<bep::BuildEvent>, prost::Decode
     }
     let payload = payload?;
     let unread = UNREAD_PAYLOADS.contains(&payload.number);
-    // Everything but the payload goes through prost.
-    let mut kept = Vec::with_capacity(bytes.len() - payload.raw.len());
-    let mut rest = bytes;
-    while let Some(f) = next_field(&mut rest)? {
-        if f.number != payload.number {
-            kept.extend_from_slice(f.raw);
-        }
-    }
+    // Everything but the payload (the fields before it and after it) goes through prost.
+    let at = payload.raw.as_ptr() as usize - bytes.as_ptr() as usize;
+    let (before, after) = (&bytes[..at], &bytes[at + payload.raw.len()..]);
     let mut ev = Box::<bep::BuildEvent>::default();
-    if let Err(e) = ev.merge(kept.as_slice()) {
+    if let Err(e) = ev.merge(bytes::Buf::chain(before, after)) {
         return Some(Err(e));
     }
     if unread {
@@ -154,7 +203,7 @@ pub fn decode(bytes: &[u8]) -> Option<Result<Box<bep::BuildEvent>, prost::Decode
         Some(Id::StructuredCommandLine(s)) => s.command_line_label.as_str(),
         _ => "",
     };
-    let cl = command_line(payload.value, CommandLineNeeds::of(label))?;
+    let cl = command_line(payload.value, CommandLineNeeds::of(label), needs)?;
     ev.payload = Some(P::StructuredCommandLine(cl));
     Some(Ok(ev))
 }
@@ -181,14 +230,14 @@ impl CommandLineNeeds {
 }
 
 /// A `CommandLine` with only what `needs` asks for; `None` if malformed.
-fn command_line(buf: &[u8], needs: CommandLineNeeds) -> Option<bep::CommandLine> {
+fn command_line(buf: &[u8], needs: CommandLineNeeds, config: &Needs) -> Option<bep::CommandLine> {
     let mut cl = bep::CommandLine::default();
     let mut rest = buf;
     while let Some(f) = next_field(&mut rest)? {
         match f.number {
             1 => cl.command_line_label = string(&f)?,
             2 if f.wire == LEN && needs != CommandLineNeeds::Nothing => {
-                cl.sections.push(section(f.value, needs)?);
+                cl.sections.push(section(f.value, needs, config)?);
             }
             2 if f.wire == LEN => {}
             _ if f.number <= 2 => return None,
@@ -199,7 +248,7 @@ fn command_line(buf: &[u8], needs: CommandLineNeeds) -> Option<bep::CommandLine>
 }
 
 /// One `CommandLineSection` (its label is never read).
-fn section(buf: &[u8], needs: CommandLineNeeds) -> Option<bep::CommandLineSection> {
+fn section(buf: &[u8], needs: CommandLineNeeds, config: &Needs) -> Option<bep::CommandLineSection> {
     let mut s = bep::CommandLineSection::default();
     let mut rest = buf;
     while let Some(f) = next_field(&mut rest)? {
@@ -228,7 +277,11 @@ fn section(buf: &[u8], needs: CommandLineNeeds) -> Option<bep::CommandLineSectio
                 let mut opts = f.value;
                 while let Some(o) = next_field(&mut opts)? {
                     match (o.number, o.wire) {
-                        (1, LEN) => list.option.push(option(o.value, needs)?),
+                        (1, LEN) => {
+                            if let Some(o) = option(o.value, needs, config)? {
+                                list.option.push(o);
+                            }
+                        }
                         (1, _) => return None,
                         _ => {}
                     }
@@ -241,9 +294,23 @@ fn section(buf: &[u8], needs: CommandLineNeeds) -> Option<bep::CommandLineSectio
     Some(s)
 }
 
-/// One `Option`, with the strings `needs` asks for.
-fn option(buf: &[u8], needs: CommandLineNeeds) -> Option<bep::Option> {
+/// One `Option`, with the strings `needs` asks for: `Some(None)` for a canonical
+/// option `config` does not read, `None` if malformed.
+fn option(buf: &[u8], needs: CommandLineNeeds, config: &Needs) -> Option<Option<bep::Option>> {
     let mut o = bep::Option::default();
+    if needs == CommandLineNeeds::Canonical {
+        // Its name first (the last one on the wire counts, as for any proto3 string).
+        let mut name: &[u8] = &[];
+        let mut rest = buf;
+        while let Some(f) = next_field(&mut rest)? {
+            if f.number == 2 && f.wire == LEN {
+                name = f.value;
+            }
+        }
+        if !config.option(name) {
+            return Some(None);
+        }
+    }
     let mut rest = buf;
     while let Some(f) = next_field(&mut rest)? {
         match (needs, f.number) {
@@ -253,7 +320,7 @@ fn option(buf: &[u8], needs: CommandLineNeeds) -> Option<bep::Option> {
             _ => {}
         }
     }
-    Some(o)
+    Some(Some(o))
 }
 
 #[cfg(test)]
@@ -264,9 +331,9 @@ mod tests {
         bep::BuildEvent::decode(bytes).unwrap()
     }
 
-    /// `ev` with only the parts of its command line the translator reads, as `decode`
-    /// should give it.
-    fn trimmed(mut ev: bep::BuildEvent) -> bep::BuildEvent {
+    /// `ev` with only the parts of its command line the translator reads given `config`,
+    /// as `decode` should give it.
+    fn trimmed(mut ev: bep::BuildEvent, config: &Needs) -> bep::BuildEvent {
         let label = match ev.id.as_ref().and_then(|i| i.id.as_ref()) {
             Some(Id::StructuredCommandLine(s)) => s.command_line_label.clone(),
             _ => String::new(),
@@ -284,6 +351,9 @@ mod tests {
                             c.chunk.clear()
                         }
                         Some(SectionType::OptionList(l)) => {
+                            if needs == CommandLineNeeds::Canonical {
+                                l.option.retain(|o| config.option(o.option_name.as_bytes()));
+                            }
                             for o in &mut l.option {
                                 let keep = std::mem::take(o);
                                 match needs {
@@ -337,28 +407,36 @@ mod tests {
             files += 1;
             let data = std::fs::read(&path).unwrap();
             let mut buf = data.as_slice();
+            let builtin = Needs::of(crate::evt::Context::builtin().rules("bazel"));
             while !buf.is_empty() {
                 let (len, n) = varint(buf).unwrap();
                 let frame = &buf[n..n + len as usize];
                 buf = &buf[n + len as usize..];
                 let expected = full(frame);
-                match decode(frame) {
-                    None => {
-                        let p = expected.payload.as_ref().map(payload_number);
-                        assert!(
-                            p.is_none_or(
-                                |p| !UNREAD_PAYLOADS.contains(&p) && p != STRUCTURED_COMMAND_LINE
-                            ),
-                            "{}: an event with unread parts was not decoded sparsely",
-                            path.display()
-                        );
-                    }
-                    Some(got) => {
-                        sparse += 1;
-                        if matches!(expected.payload, Some(P::StructuredCommandLine(_))) {
-                            command_lines += 1;
+                // Every option, and only those the built-in rules name.
+                for config in [&Needs::ALL, &builtin] {
+                    match decode(frame, config) {
+                        None => {
+                            let p = expected.payload.as_ref().map(payload_number);
+                            assert!(
+                                p.is_none_or(|p| !UNREAD_PAYLOADS.contains(&p)
+                                    && p != STRUCTURED_COMMAND_LINE),
+                                "{}: an event with unread parts was not decoded sparsely",
+                                path.display()
+                            );
                         }
-                        assert_eq!(*got.unwrap(), trimmed(expected), "{}", path.display());
+                        Some(got) => {
+                            sparse += 1;
+                            if matches!(expected.payload, Some(P::StructuredCommandLine(_))) {
+                                command_lines += 1;
+                            }
+                            assert_eq!(
+                                *got.unwrap(),
+                                trimmed(expected.clone(), config),
+                                "{}",
+                                path.display()
+                            );
+                        }
                     }
                 }
             }
@@ -378,12 +456,13 @@ mod tests {
         use std::sync::Arc;
 
         let ctx = Arc::new(Context::builtin());
+        let needs = super::super::BazelTranslator::decode_needs(&ctx);
         let translate = |frames: &[&[u8]], sparse: bool| {
             let mut t = super::super::BazelTranslator::new(Arc::clone(&ctx), SourceMeta::default());
             let mut out: Vec<Envelope> = Vec::new();
             for f in frames {
                 let ev = if sparse {
-                    crate::evt::bazel::codec::decode_binary(f).unwrap()
+                    crate::evt::bazel::codec::decode_binary(f, &needs).unwrap()
                 } else {
                     Box::new(full(f))
                 };
@@ -433,17 +512,114 @@ mod tests {
         assert!(checked >= 5, "binary fixtures: {checked}");
     }
 
+    /// Only the canonical options `option:` rules name are kept (also inside `repo:`),
+    /// each by its last name on the wire; the original command line keeps every option.
+    #[test]
+    fn canonical_options_are_kept_only_when_a_rule_names_them() {
+        let rules = crate::config::DeriveRules {
+            buildtype: vec![
+                "make:COMPILATION_MODE".into(),
+                "option:compilation_mode".into(),
+            ],
+            tree: vec![
+                "repo:repo:option:remote_url".into(),
+                "option:compilation_mode".into(),
+            ],
+            ..Default::default()
+        };
+        let needs = Needs::of(&rules);
+        assert_eq!(
+            needs.options.as_deref(),
+            Some(&["remote_url".to_string(), "compilation_mode".to_string()][..])
+        );
+        assert!(needs.option(b"remote_url") && !needs.option(b"cpu") && !needs.option(b""));
+        assert!(Needs::ALL.option(b"cpu") && Needs::ALL.option(b""));
+        let event = |label: &str, options: &[(&str, &str)]| {
+            let option = options
+                .iter()
+                .map(|(name, value)| bep::Option {
+                    combined_form: format!("--{name}={value}"),
+                    option_name: name.to_string(),
+                    option_value: value.to_string(),
+                    ..Default::default()
+                })
+                .collect();
+            bep::BuildEvent {
+                id: Some(bep::BuildEventId {
+                    id: Some(Id::StructuredCommandLine(
+                        bep::build_event_id::StructuredCommandLineId {
+                            command_line_label: label.into(),
+                        },
+                    )),
+                }),
+                payload: Some(P::StructuredCommandLine(bep::CommandLine {
+                    command_line_label: label.into(),
+                    sections: vec![bep::CommandLineSection {
+                        section_label: "command options".into(),
+                        section_type: Some(SectionType::OptionList(bep::OptionList { option })),
+                    }],
+                })),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let options = |frame: &[u8], needs: &Needs| {
+            let ev = decode(frame, needs).unwrap().unwrap();
+            let Some(P::StructuredCommandLine(cl)) = ev.payload else {
+                panic!("no command line: {ev:?}");
+            };
+            let Some(SectionType::OptionList(l)) = &cl.sections[0].section_type else {
+                panic!("no options: {cl:?}");
+            };
+            l.option
+                .iter()
+                .map(|o| format!("{}|{}|{}", o.combined_form, o.option_name, o.option_value))
+                .collect::<Vec<_>>()
+        };
+        let given = [("cpu", "k8"), ("compilation_mode", "opt"), ("", "x")];
+        let canonical = event("canonical", &given);
+        assert_eq!(options(&canonical, &needs), ["|compilation_mode|opt"]);
+        assert_eq!(options(&canonical, &Needs::ALL).len(), 3);
+        let original = event("original", &given);
+        assert_eq!(
+            options(&original, &needs),
+            ["--cpu=k8||", "--compilation_mode=opt||", "--=x||"]
+        );
+        // A name given twice: the last one counts.
+        let twice = bep::Option {
+            option_name: "cpu".into(),
+            ..Default::default()
+        };
+        let mut bytes = twice.encode_to_vec();
+        bytes.extend(
+            bep::Option {
+                option_name: "compilation_mode".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let mut renamed = bep::Option::default();
+        renamed.merge(bytes.as_slice()).unwrap();
+        assert_eq!(renamed.option_name, "compilation_mode");
+        assert_eq!(
+            option(&bytes, CommandLineNeeds::Canonical, &needs).unwrap(),
+            Some(renamed)
+        );
+    }
+
     #[test]
     fn malformed_or_unusual_frames_are_left_to_prost() {
         // Truncated: a LEN field longer than the frame.
-        assert!(decode(&[0xb2, 0x01, 0x05, 0x0a]).is_none());
+        assert!(decode(&[0xb2, 0x01, 0x05, 0x0a], &Needs::ALL).is_none());
         // A group (wire type 3) at the top level.
-        assert!(decode(&[0x0b, 0x0c]).is_none());
+        assert!(decode(&[0x0b, 0x0c], &Needs::ALL).is_none());
         // Two payload fields: OptionsParsed (13) then Progress (3).
         let two = [0x6a, 0x00, 0x1a, 0x00];
-        assert!(decode(&two).is_none());
+        assert!(decode(&two, &Needs::ALL).is_none());
         // One unread payload: decoded without it.
-        let ev = decode(&[0x6a, 0x02, 0x0a, 0x00]).unwrap().unwrap();
+        let ev = decode(&[0x6a, 0x02, 0x0a, 0x00], &Needs::ALL)
+            .unwrap()
+            .unwrap();
         assert_eq!(ev.payload, None);
         // A command line whose option has invalid UTF-8 in a field that is read: prost
         // reports it; and the same byte in a field that is not read is skipped.
@@ -478,10 +654,10 @@ mod tests {
             buf
         };
         let bad_read = event("--a=~", "rc");
-        assert!(decode(&bad_read).is_none());
-        assert!(crate::evt::bazel::codec::decode_binary(&bad_read).is_err());
+        assert!(decode(&bad_read, &Needs::ALL).is_none());
+        assert!(crate::evt::bazel::codec::decode_binary(&bad_read, &Needs::ALL).is_err());
         let bad_unread = event("--a=b", "~");
-        let ev = decode(&bad_unread).unwrap().unwrap();
+        let ev = decode(&bad_unread, &Needs::ALL).unwrap().unwrap();
         let Some(P::StructuredCommandLine(cl)) = ev.payload else {
             panic!("no command line: {ev:?}");
         };

@@ -288,6 +288,12 @@ impl BazelTranslator {
         }
     }
 
+    /// What the binary decoder must keep of an event for translators with context
+    /// `ctx` (see [`super::sparse::Needs`]).
+    pub fn decode_needs(ctx: &Context) -> super::codec::Needs {
+        super::codec::Needs::of(ctx.rules(SYSTEM))
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.stats
     }

@@ -43,6 +43,7 @@ use super::spool::{Record, SpoolFile};
 use crate::bus::message::Outgoing;
 use crate::bus::publish::Publisher;
 use crate::bus::BusError;
+use crate::evt::bazel::codec::Needs;
 use crate::evt::bazel::BazelTranslator;
 use crate::evt::Translator;
 use crate::model::{Envelope, SourceMeta};
@@ -112,6 +113,8 @@ pub struct Invocation {
     id: String,
     shared: Arc<Shared>,
     translator: BazelTranslator,
+    /// What the decoder keeps of an event for this translator.
+    needs: Needs,
     out: Out,
     /// The next sequence number to translate.
     next_seq: i64,
@@ -175,6 +178,7 @@ impl Invocation {
         };
         let mut inv = Invocation {
             id,
+            needs: BazelTranslator::decode_needs(&shared.ctx),
             translator,
             out,
             next_seq: 1,
@@ -477,7 +481,7 @@ impl Invocation {
     }
 
     fn translate_bazel(&mut self, seq: i64, bytes: &[u8], out: &mut dyn FnMut(Envelope)) {
-        match crate::evt::bazel::codec::decode_binary(bytes) {
+        match crate::evt::bazel::codec::decode_binary(bytes, &self.needs) {
             Ok(ev) => self.translator.event(ev, out),
             Err(e) => {
                 self.stats.bad_events += 1;
