@@ -78,7 +78,7 @@ pub struct BuildArtifacts {
 /// - Where to look: for BitBake, the deploy directory the build's variables name
 ///   (`metadata.DEPLOY_DIR`, `DEPLOY_DIR_IMAGE`, `TMPDIR`, `TOPDIR`), found in or under
 ///   `dir`; for Bazel, `dir` is the workspace and its `bazel-bin`/`bazel-testlogs`
-///   links are followed as trees of their own (see [`super::locate`]).
+///   links are followed as trees of their own (see [`super::locate`](mod@super::locate)).
 /// - Files that cannot be read are skipped (in `report.skipped`, and logged); only a
 ///   missing `dir` or a message that is not a finished build is an error.
 ///

@@ -7,13 +7,13 @@
 //! mtime and SHA-256 (files hashed in parallel, streamed), and turns the records into
 //! envelopes that carry the build's id and Pulse fields. One idea per module:
 //! - [`rules`]: the rules file: exclusions, ordered classification with captures;
-//! - [`locate`]: which trees of a build directory to scan (BitBake's deploy directory
+//! - [`locate`](mod@locate): which trees of a build directory to scan (BitBake's deploy directory
 //!   from the build's own variables, Bazel's convenience links);
-//! - [`walk`]: walking the trees: classification, symbolic links (recorded, never
+//! - [`walk`](mod@walk): walking the trees: classification, symbolic links (recorded, never
 //!   followed out of their tree), special files (never opened);
 //! - [`hash`]: streaming SHA-256 of regular files on all cores, with the checks that a
 //!   file is still the one the walk found;
-//! - [`scan`]: walk + hash = [`Artifact`] records and a [`ScanReport`];
+//! - [`scan`](mod@scan): walk + hash = [`Artifact`] records and a [`ScanReport`];
 //! - [`emit`]: records → envelopes for a build, and the hook the EVT calls when a build
 //!   finishes ([`BuildScanner`], [`artifacts_for_build`]);
 //! - [`progress`]: counters and the terminal progress bar.

@@ -1,4 +1,4 @@
-//! A scan: the walk ([`super::walk`]) then the hashing ([`super::hash`]), giving one
+//! A scan: the walk ([`super::walk`](mod@super::walk)) then the hashing ([`super::hash`]), giving one
 //! [`Artifact`] per classified file or link and a [`ScanReport`] of what was seen,
 //! left out and skipped.
 //!

@@ -199,7 +199,7 @@ impl<R: BufRead> Framer<R> {
 
     /// Gives back a frame's buffer once its bytes are used, for the next frame to be
     /// read into: one allocation per stream instead of one per event. A buffer grown
-    /// past [`RESERVE_AHEAD`] by a large event is not kept.
+    /// past `RESERVE_AHEAD` by a large event is not kept.
     pub fn recycle(&mut self, mut bytes: Vec<u8>) {
         if self.buf.is_empty() && bytes.capacity() > self.buf.capacity() {
             if bytes.capacity() > RESERVE_AHEAD {

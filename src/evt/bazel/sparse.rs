@@ -11,16 +11,24 @@
 //! the fields the translator reads for its label:
 //!
 //! - `original`: the chunks and each option's `combined_form`;
-//! - `canonical`: each option's `option_name` and `option_value`;
+//! - `canonical`: `option_name` and `option_value` of the options an `option:NAME`
+//!   derive rule names ([`Needs`], from the configuration; [`Needs::ALL`] keeps all);
 //! - any other label (`tool`): no sections.
 //!
+//! A completed target (`TargetComplete`) loses its tags, test timeouts, directory
+//! outputs and, when it has output groups, the older flat list of the same files.
+//!
 //! The result is the same typed [`BuildEvent`] the JSON path produces, so one translator
-//! serves both formats; `UNREAD_PAYLOADS` and [`CommandLineNeeds`] must follow what
-//! `translate.rs` reads (the fixture test `sparse_and_full_decoding_translate_alike`
-//! compares the two decodings' messages). Anything unusual (a second payload field, a
-//! repeated command line, deprecated groups, a wire error) goes to prost's full decode,
-//! which also gives the error message for malformed input. Parts that are skipped are
-//! not validated (an invalid UTF-8 string inside an unread option is not an error).
+//! serves both formats; `UNREAD_PAYLOADS`, `CommandLineNeeds` and
+//! `target_complete_reads` must follow what `translate.rs` reads (the fixture test
+//! `sparse_and_full_decoding_translate_alike` compares the two decodings' messages).
+//! Anything unusual (a second payload field, a payload that is not length-delimited,
+//! a repeated command line, deprecated groups, a wire error) goes to prost's full
+//! decode, which also gives the error message for malformed input. Parts that are
+//! skipped are not validated (an invalid UTF-8 string inside an unread option is not an
+//! error).
+//!
+//! [`BuildEvent`]: bep::BuildEvent
 
 use prost::Message;
 
@@ -37,6 +45,17 @@ const UNREAD_PAYLOADS: [u32; 9] = [6, 13, 21, 23, 25, 27, 28, 29, 30];
 
 /// `BuildEvent.structured_command_line`.
 const STRUCTURED_COMMAND_LINE: u32 = 22;
+
+/// `BuildEvent.completed` (a `TargetComplete`).
+const COMPLETED: u32 = 8;
+
+/// The `TargetComplete` fields the translator reads: `success` (1), `output_group` (2),
+/// `failure_detail` (9), and `important_output` (4), the older flat list of the same
+/// files, only when there are no output groups. Never read: `tag`, `target_kind`,
+/// `test_size`, the test timeouts and `directory_output`.
+fn target_complete_reads(number: u32, has_groups: bool) -> bool {
+    matches!(number, 1 | 2 | 9) || (number == 4 && !has_groups)
+}
 
 /// Whether a `BuildEvent` field number belongs to the `payload` oneof.
 fn is_payload(number: u32) -> bool {
@@ -181,7 +200,10 @@ pub fn decode(
             continue;
         }
         if payload.is_some()
-            || !(UNREAD_PAYLOADS.contains(&f.number) || f.number == STRUCTURED_COMMAND_LINE)
+            || f.wire != LEN
+            || !(UNREAD_PAYLOADS.contains(&f.number)
+                || f.number == STRUCTURED_COMMAND_LINE
+                || f.number == COMPLETED)
         {
             return None;
         }
@@ -199,6 +221,21 @@ pub fn decode(
     if unread {
         return Some(Ok(ev));
     }
+    if payload.number == COMPLETED {
+        let mut has_groups = false;
+        let mut rest = payload.value;
+        while let Some(f) = next_field(&mut rest)? {
+            has_groups |= f.number == 2;
+        }
+        let mut done = bep::TargetComplete::default();
+        if let Err(e) = merge_fields(&mut done, payload.value, |n| {
+            target_complete_reads(n, has_groups)
+        })? {
+            return Some(Err(e));
+        }
+        ev.payload = Some(P::Completed(done));
+        return Some(Ok(ev));
+    }
     let label = match ev.id.as_ref().and_then(|i| i.id.as_ref()) {
         Some(Id::StructuredCommandLine(s)) => s.command_line_label.as_str(),
         _ => "",
@@ -206,6 +243,38 @@ pub fn decode(
     let cl = command_line(payload.value, CommandLineNeeds::of(label), needs)?;
     ev.payload = Some(P::StructuredCommandLine(cl));
     Some(Ok(ev))
+}
+
+/// Merges into `m` the fields of message `buf` that `keep` names (each run of kept
+/// fields in one go: a message is the merge of its parts); `None` if `buf` is malformed.
+fn merge_fields<M: Message>(
+    m: &mut M,
+    buf: &[u8],
+    keep: impl Fn(u32) -> bool,
+) -> Option<Result<(), prost::DecodeError>> {
+    let mut run: Option<(usize, usize)> = None;
+    let mut rest = buf;
+    let mut at = 0;
+    loop {
+        let f = next_field(&mut rest)?;
+        let kept = f.as_ref().is_some_and(|f| keep(f.number));
+        match (kept, run) {
+            (true, None) => run = Some((at, at)),
+            (false, Some((start, end))) => {
+                if let Err(e) = m.merge(&buf[start..end]) {
+                    return Some(Err(e));
+                }
+                run = None;
+            }
+            _ => {}
+        }
+        let Some(f) = f else { break };
+        at += f.raw.len();
+        if let Some((_, end)) = &mut run {
+            *end = at;
+        }
+    }
+    Some(Ok(()))
 }
 
 /// Which parts of a structured command line the translator reads, by its label.
@@ -371,6 +440,20 @@ mod tests {
                     }
                 }
             }
+            Some(P::Completed(c)) => {
+                let read = bep::TargetComplete {
+                    success: c.success,
+                    important_output: if c.output_group.is_empty() {
+                        std::mem::take(&mut c.important_output)
+                    } else {
+                        Vec::new()
+                    },
+                    output_group: std::mem::take(&mut c.output_group),
+                    failure_detail: c.failure_detail.take(),
+                    ..Default::default()
+                };
+                *c = read;
+            }
             Some(p) if UNREAD_PAYLOADS.iter().any(|&n| payload_number(p) == n) => {
                 ev.payload = None;
             }
@@ -420,7 +503,8 @@ mod tests {
                             let p = expected.payload.as_ref().map(payload_number);
                             assert!(
                                 p.is_none_or(|p| !UNREAD_PAYLOADS.contains(&p)
-                                    && p != STRUCTURED_COMMAND_LINE),
+                                    && p != STRUCTURED_COMMAND_LINE
+                                    && p != COMPLETED),
                                 "{}: an event with unread parts was not decoded sparsely",
                                 path.display()
                             );
@@ -604,6 +688,78 @@ mod tests {
         assert_eq!(
             option(&bytes, CommandLineNeeds::Canonical, &needs).unwrap(),
             Some(renamed)
+        );
+    }
+
+    /// A completed target keeps what is read, whatever the order of its fields on the
+    /// wire; its older flat output list only when it has no output groups.
+    #[test]
+    fn completed_targets_keep_what_is_read() {
+        let file = |name: &str| bep::File {
+            name: name.into(),
+            ..Default::default()
+        };
+        let part = |c: bep::TargetComplete| c.encode_to_vec();
+        let group = bep::OutputGroup {
+            name: "default".into(),
+            ..Default::default()
+        };
+        let event = |parts: &[Vec<u8>]| {
+            let body: Vec<u8> = parts.concat();
+            let mut ev = bep::BuildEvent {
+                last_message: true,
+                ..Default::default()
+            }
+            .encode_to_vec();
+            // `completed` (8), length-delimited.
+            ev.push(8 << 3 | 2);
+            prost::encoding::encode_varint(body.len() as u64, &mut ev);
+            ev.extend(body);
+            ev
+        };
+        let tag = part(bep::TargetComplete {
+            tag: vec!["manual".into()],
+            ..Default::default()
+        });
+        let flat = part(bep::TargetComplete {
+            important_output: vec![file("a"), file("b")],
+            ..Default::default()
+        });
+        let success = part(bep::TargetComplete {
+            success: true,
+            ..Default::default()
+        });
+        let groups = part(bep::TargetComplete {
+            output_group: vec![group.clone()],
+            ..Default::default()
+        });
+        let completed = |frame: &[u8]| {
+            let ev = decode(frame, &Needs::ALL).unwrap().unwrap();
+            assert!(ev.last_message);
+            match ev.payload {
+                Some(P::Completed(c)) => c,
+                p => panic!("{p:?}"),
+            }
+        };
+        let c = completed(&event(&[
+            tag.clone(),
+            flat.clone(),
+            success.clone(),
+            groups,
+        ]));
+        assert_eq!(
+            c,
+            bep::TargetComplete {
+                success: true,
+                output_group: vec![group],
+                ..Default::default()
+            }
+        );
+        let c = completed(&event(&[flat.clone(), tag, success, flat]));
+        assert!(c.success && c.tag.is_empty());
+        assert_eq!(
+            c.important_output,
+            [file("a"), file("b"), file("a"), file("b")]
         );
     }
 
