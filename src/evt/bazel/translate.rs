@@ -26,6 +26,7 @@
 //! action times), else the transport's time for the event (BES), else the build's start.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::mem;
 use std::sync::Arc;
 
 use super::proto::build_event_stream::{
@@ -369,7 +370,7 @@ impl BazelTranslator {
         if self.build.fields.is_none() || self.build.id.is_none() {
             return;
         }
-        for d in std::mem::take(&mut self.build.pending) {
+        for d in mem::take(&mut self.build.pending) {
             self.send(d, out);
         }
     }
@@ -464,8 +465,18 @@ impl BazelTranslator {
         self.build.command.clone()
     }
 
+    /// The build message in `state`. The finished one is the build's last message: it
+    /// takes the tallies rather than copying them.
     fn build_payload(&mut self, state: BuildState) -> BuildPayload {
         let command = self.command_line();
+        let mut tallies = None;
+        if state == BuildState::Finished {
+            let b = &mut self.build;
+            tallies = Some(Counts {
+                metrics: mem::take(&mut b.metrics),
+                ..mem::take(&mut b.counts)
+            });
+        }
         let b = &self.build;
         let fin = b.finished.as_ref();
         let finished_ms = fin.and_then(|f| nonzero(f.finish_time_millis).or(ms_of(&f.finish_time)));
@@ -496,11 +507,7 @@ impl BazelTranslator {
         }
         let (ts, counts) = match state {
             BuildState::Started => (b.started_ms, Counts::default()),
-            BuildState::Finished => {
-                let mut counts = b.counts.clone();
-                counts.metrics = b.metrics.clone();
-                (finished_ms.or(b.started_ms), counts)
-            }
+            BuildState::Finished => (finished_ms.or(b.started_ms), tallies.unwrap_or_default()),
         };
         let finished = state == BuildState::Finished;
         BuildPayload {
@@ -652,7 +659,7 @@ impl BazelTranslator {
             files.extend(c.important_output.iter().map(|f| ("default", f)));
         }
         // The named sets are borrowed while the messages are drafted.
-        let sets = std::mem::take(&mut self.build.named_sets);
+        let sets = mem::take(&mut self.build.named_sets);
         for g in groups {
             named_set_files(&sets, &g.file_sets, |f| files.push((&g.name, f)));
         }
@@ -674,7 +681,7 @@ impl BazelTranslator {
             if !first[i] {
                 continue;
             }
-            let path = std::mem::take(&mut paths[i]);
+            let path = mem::take(&mut paths[i]);
             let kind = if group == "default" {
                 "output".to_string()
             } else {
@@ -937,13 +944,13 @@ impl BazelTranslator {
         }
     }
 
-    fn on_structured(&mut self, label: &str, cl: bep::CommandLine) {
+    fn on_structured(&mut self, label: &str, sections: Vec<bep::CommandLineSection>) {
         use bep::command_line_section::SectionType;
         match label {
             // The command as typed: every chunk and option, in order.
             "original" => {
                 let mut args = Vec::new();
-                for s in cl.sections {
+                for s in sections {
                     match s.section_type {
                         Some(SectionType::ChunkList(c)) => args.extend(c.chunk),
                         Some(SectionType::OptionList(o)) => {
@@ -957,7 +964,7 @@ impl BazelTranslator {
             // Effective option values, for `option:NAME` rules.
             "canonical" => {
                 let mut options = Vec::new();
-                for s in cl.sections {
+                for s in sections {
                     if let Some(SectionType::OptionList(o)) = s.section_type {
                         options.extend(
                             o.option
@@ -976,33 +983,30 @@ impl BazelTranslator {
 impl Translator for BazelTranslator {
     type Event = Box<BuildEvent>;
 
-    fn event(&mut self, ev: Box<BuildEvent>, out: &mut Emit<'_>) {
+    fn event(&mut self, mut ev: Box<BuildEvent>, out: &mut Emit<'_>) {
         self.stats.events += 1;
-        let BuildEvent {
-            id,
-            children,
-            last_message,
-            payload,
-        } = *ev;
-        let Some(id) = id.and_then(|i| i.id) else {
+        let Some(id) = ev.id.take().and_then(|i| i.id) else {
             self.stats.unknown += 1;
             return;
         };
         if let Some(c) = ctx_of(&id) {
             self.build.seen.insert(c);
         }
-        // The event is ours: move its parts into the build state rather than copy them.
-        match (&id, payload) {
-            (Id::Started(_), Some(P::Started(s))) => self.on_started(&children, &s, out),
-            (Id::BuildMetadata(_), Some(P::BuildMetadata(m))) => self.build.metadata = m.metadata,
+        // The event is ours: move its parts into the build state rather than copy them
+        // (and leave the event where it is: it is large).
+        match (&id, &mut ev.payload) {
+            (Id::Started(_), Some(P::Started(s))) => self.on_started(&ev.children, s, out),
+            (Id::BuildMetadata(_), Some(P::BuildMetadata(m))) => {
+                self.build.metadata = mem::take(&mut m.metadata);
+            }
             (Id::WorkspaceStatus(_), Some(P::WorkspaceStatus(s))) => {
-                self.build.status = s.item.into_iter().map(|i| (i.key, i.value)).collect();
+                self.build.status = s.item.drain(..).map(|i| (i.key, i.value)).collect();
             }
             (Id::StructuredCommandLine(sid), Some(P::StructuredCommandLine(cl))) => {
-                self.on_structured(&sid.command_line_label, cl);
+                self.on_structured(&sid.command_line_label, mem::take(&mut cl.sections));
             }
             (Id::UnstructuredCommandLine(_), Some(P::UnstructuredCommandLine(u))) => {
-                self.build.unstructured_cmd = Some(u.args);
+                self.build.unstructured_cmd = Some(mem::take(&mut u.args));
             }
             (Id::Pattern(p), payload) => {
                 for pat in &p.pattern {
@@ -1016,36 +1020,36 @@ impl Translator for BazelTranslator {
             }
             (Id::Workspace(_), Some(P::WorkspaceInfo(_))) => {}
             (Id::Configuration(c), Some(P::Configuration(conf))) => {
-                self.build.configs.insert(c.id.clone(), conf);
+                self.build.configs.insert(c.id.clone(), mem::take(conf));
             }
             (Id::TargetConfigured(t), Some(P::Configured(c))) if !c.target_kind.is_empty() => {
                 self.build
                     .target_kinds
-                    .insert(t.label.clone(), c.target_kind);
+                    .insert(t.label.clone(), mem::take(&mut c.target_kind));
             }
             (Id::NamedSet(n), Some(P::NamedSetOfFiles(s))) => {
                 let set = NamedSet {
-                    files: s.files,
-                    sets: s.file_sets.into_iter().map(|x| x.id).collect(),
+                    files: mem::take(&mut s.files),
+                    sets: s.file_sets.drain(..).map(|x| x.id).collect(),
                 };
                 self.build.named_sets.insert(n.id.clone(), set);
             }
             (Id::TargetCompleted(t), payload) => self.on_target_completed(t, payload.as_ref(), out),
-            (Id::ActionCompleted(a), Some(P::Action(x))) => self.on_action(a, &x, out),
+            (Id::ActionCompleted(a), Some(P::Action(x))) => self.on_action(a, x, out),
             (Id::TestResult(t), payload) => self.on_test_result(t, payload.as_ref(), out),
             (Id::TestSummary(t), payload) => self.on_test_summary(t, payload.as_ref(), out),
-            (Id::Progress(p), Some(P::Progress(x))) => self.on_progress(p.opaque_count, &x, out),
+            (Id::Progress(p), Some(P::Progress(x))) => self.on_progress(p.opaque_count, x, out),
             (Id::BuildFinished(_), Some(P::Finished(f))) => {
-                self.build.finished = Some(f);
+                self.build.finished = Some(mem::take(f));
                 self.freeze(true, out);
             }
             (Id::BuildFinished(_), Some(P::Aborted(a))) => {
-                self.build.finished_aborted = Some(a.description);
+                self.build.finished_aborted = Some(mem::take(&mut a.description));
             }
-            (Id::BuildMetrics(_), Some(P::BuildMetrics(m))) => self.on_metrics(&m),
+            (Id::BuildMetrics(_), Some(P::BuildMetrics(m))) => self.on_metrics(m),
             _ => {}
         }
-        if last_message {
+        if ev.last_message {
             self.end_build(out);
         }
     }
