@@ -1125,3 +1125,123 @@ impl BazelTranslator {
         self.end_build(out);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bep::build_event_id::{BuildStartedId, NamedSetOfFilesId, TargetCompletedId};
+
+    fn event(id: Id, payload: P) -> Box<BuildEvent> {
+        Box::new(BuildEvent {
+            id: Some(bep::BuildEventId { id: Some(id) }),
+            payload: Some(payload),
+            ..Default::default()
+        })
+    }
+
+    fn set(id: &str, files: &[&str], sets: &[&str]) -> Box<BuildEvent> {
+        event(
+            Id::NamedSet(NamedSetOfFilesId { id: id.into() }),
+            P::NamedSetOfFiles(bep::NamedSetOfFiles {
+                files: files
+                    .iter()
+                    .map(|name| bep::File {
+                        path_prefix: vec!["bazel-out".into(), "bin".into()],
+                        name: name.to_string(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                file_sets: sets
+                    .iter()
+                    .map(|s| NamedSetOfFilesId { id: s.to_string() })
+                    .collect(),
+            }),
+        )
+    }
+
+    fn completed(label: &str, groups: &[(&str, &[&str])]) -> Box<BuildEvent> {
+        event(
+            Id::TargetCompleted(TargetCompletedId {
+                label: label.into(),
+                ..Default::default()
+            }),
+            P::Completed(bep::TargetComplete {
+                success: true,
+                output_group: groups
+                    .iter()
+                    .map(|(name, sets)| bep::OutputGroup {
+                        name: name.to_string(),
+                        file_sets: sets
+                            .iter()
+                            .map(|s| NamedSetOfFilesId { id: s.to_string() })
+                            .collect(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+
+    /// A target's outputs: by group (sorted by name), through nested and even cyclic
+    /// named sets, each path once (under its first group), whether a target has few
+    /// outputs or many.
+    #[test]
+    fn each_output_path_is_one_artifact_of_its_first_group() {
+        let files = |range: std::ops::RangeInclusive<u32>| -> Vec<String> {
+            range.map(|i| format!("f{i}")).collect()
+        };
+        let (a, b) = (files(1..=6), files(5..=12));
+        let mut t = BazelTranslator::new(Arc::new(Context::builtin()), SourceMeta::default());
+        let mut out: Vec<Envelope> = Vec::new();
+        let events = [
+            event(
+                Id::Started(BuildStartedId {}),
+                P::Started(bep::BuildStarted {
+                    uuid: "0b4d6c1e-5c38-4c1f-9d7e-000000000001".into(),
+                    ..Default::default()
+                }),
+            ),
+            set("a", &refs(&a), &["b"]),
+            set("b", &refs(&b), &["a"]),
+            set("c", &["x", "y", "x"], &[]),
+            // "zz" sorts after "default": its files were all seen under "default".
+            completed("//many:t", &[("zz", &["b"]), ("default", &["a"])]),
+            completed("//few:t", &[("debug", &["c"])]),
+        ];
+        for ev in events {
+            t.event(ev, &mut |e| out.push(e));
+        }
+        t.finish(&mut |e| out.push(e));
+        let artifacts = |label: &str| -> Vec<(String, String)> {
+            out.iter()
+                .filter_map(|e| match &e.payload {
+                    Payload::Artifact(a) if a.target.as_deref() == Some(label) => {
+                        Some((a.path.clone(), a.kind.clone()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let many = artifacts("//many:t");
+        let expected: Vec<(String, String)> = files(1..=12)
+            .into_iter()
+            .map(|f| (format!("bazel-out/bin/{f}"), "output".to_string()))
+            .collect();
+        assert_eq!(many, expected);
+        assert_eq!(
+            artifacts("//few:t"),
+            [
+                ("bazel-out/bin/x".to_string(), "output:debug".to_string()),
+                ("bazel-out/bin/y".to_string(), "output:debug".to_string()),
+            ]
+        );
+        // Every artifact message has its own id.
+        let ids: HashSet<&str> = out.iter().map(|e| e.meta.message_id.as_str()).collect();
+        assert_eq!(ids.len(), out.len());
+    }
+}
