@@ -287,19 +287,6 @@ fn json_template(name: &str, path: &Path) -> anyhow::Result<Template> {
     template(name.to_string(), bytes, events, started, &uuid_of)
 }
 
-/// Reads a varint at `at`; gives its value and length.
-fn varint(b: &[u8], at: usize) -> Option<(u64, usize)> {
-    let mut v: u64 = 0;
-    for i in 0..10 {
-        let byte = *b.get(at + i)?;
-        v |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
-    }
-    None
-}
-
 /// A binary fixture: kept byte for byte (a prost re-encode would drop every field our BEP
 /// subset does not declare, making the stream smaller than Bazel's), every frame decoded
 /// once. Also gives the bytes a re-encode would write, for the record.
@@ -310,7 +297,7 @@ fn bin_template(name: &str, path: &Path) -> anyhow::Result<(Template, u64)> {
     let mut started = None;
     let mut reencoded = 0u64;
     while at < bytes.len() {
-        let (len, n) = varint(&bytes, at)
+        let (len, n) = crate::evt::framing::varint(bytes.get(at..).unwrap_or_default())
             .ok_or_else(|| anyhow!("{}: bad length prefix at {at}", path.display()))?;
         let body = at + n
             ..usize::try_from(len)

@@ -83,16 +83,22 @@ fn fill<R: BufRead>(reader: &mut R) -> std::io::Result<&[u8]> {
 /// The most a varint frame's buffer is allocated ahead of the data that fills it.
 const RESERVE_AHEAD: usize = 1 << 20;
 
-/// A complete varint length prefix at the start of `data`: its value and length. `None`
-/// when `data` ends inside the prefix or the prefix is longer than 10 bytes.
-fn varint_prefix(data: &[u8]) -> Option<(u64, usize)> {
-    let mut len: u64 = 0;
+/// A complete protobuf varint at the start of `data` (a frame's length prefix, or a key
+/// or length inside a message): its value and length. `None` when `data` ends inside
+/// the varint or the varint is longer than 10 bytes.
+#[inline]
+pub(crate) fn varint(data: &[u8]) -> Option<(u64, usize)> {
+    // Keys and most lengths are one byte.
+    match data.first() {
+        Some(&b) if b < 0x80 => return Some((u64::from(b), 1)),
+        None => return None,
+        _ => {}
+    }
+    let mut v: u64 = 0;
     for (i, &byte) in data.iter().take(10).enumerate() {
-        len |= u64::from(byte & 0x7f)
-            .checked_shl(7 * i as u32)
-            .unwrap_or(0);
+        v |= u64::from(byte & 0x7f) << (7 * i);
         if byte & 0x80 == 0 {
-            return Some((len, i + 1));
+            return Some((v, i + 1));
         }
     }
     None
@@ -316,7 +322,7 @@ impl<R: BufRead> Framer<R> {
             // The length prefix, in one step when the buffered data holds all of it.
             if self.want.is_none() && self.buf.is_empty() {
                 let whole = match fill(&mut self.reader) {
-                    Ok(c) => varint_prefix(c),
+                    Ok(c) => varint(c),
                     Err(e) => return Next::Failed(self.io_error(e)),
                 };
                 if let Some((len, n)) = whole {

@@ -32,6 +32,8 @@
 
 use prost::Message;
 
+use crate::evt::framing::varint;
+
 use super::proto::build_event_stream as bep;
 use bep::build_event::Payload as P;
 use bep::build_event_id::Id;
@@ -76,24 +78,6 @@ struct Field<'a> {
     value: &'a [u8],
     /// The whole field: key, length and content.
     raw: &'a [u8],
-}
-
-/// A varint at the start of `buf`: its value and length, or `None` if truncated/overlong.
-fn varint(buf: &[u8]) -> Option<(u64, usize)> {
-    // Keys and most lengths are one byte.
-    match buf.first() {
-        Some(&b) if b < 0x80 => return Some((u64::from(b), 1)),
-        None => return None,
-        _ => {}
-    }
-    let mut v = 0u64;
-    for (i, &b) in buf.iter().enumerate().take(10) {
-        v |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
-    }
-    None
 }
 
 /// The fields of one message, in wire order; `None` at the first malformed byte or a
