@@ -588,3 +588,27 @@ impl<'de> Deserialize<'de> for Envelope {
         Envelope::from_json(&bytes).map_err(serde::de::Error::custom)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The spelled-out schema and exchange names follow the model version and the
+    /// default prefix.
+    #[test]
+    fn static_names_follow_the_version_and_prefix() {
+        for k in Kind::ALL {
+            assert_eq!(
+                k.schema(),
+                ["buildbus/", k.as_str(), "/", MODEL_VERSION].concat()
+            );
+            let exchange = k.exchange(DEFAULT_EXCHANGE_PREFIX);
+            assert!(matches!(exchange, Cow::Borrowed(_)));
+            assert_eq!(
+                exchange,
+                [DEFAULT_EXCHANGE_PREFIX, "/", k.as_str()].concat()
+            );
+            assert_eq!(k.exchange("acme/bus/"), ["acme/bus/", k.as_str()].concat());
+        }
+    }
+}
