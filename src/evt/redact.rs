@@ -146,14 +146,7 @@ impl Redactor {
         }
     }
 
-    /// Redacts the value of option `name`.
-    pub fn option(&self, name: &str, value: &str) -> String {
-        let mut out = String::with_capacity(value.len());
-        self.push_option(name, value, &mut out);
-        out
-    }
-
-    /// [`Redactor::option`], appended to `out`.
+    /// Redacts the value of option `name`, appended to `out`.
     pub fn push_option(&self, name: &str, value: &str, out: &mut String) {
         let secret_option = self.options.iter().any(|o| o == name) || self.is_secret_key(name);
         match value.split_once('=') {
