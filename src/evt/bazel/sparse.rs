@@ -195,11 +195,9 @@ pub fn decode(
     }
     let payload = payload?;
     let unread = UNREAD_PAYLOADS.contains(&payload.number);
-    // Everything but the payload (the fields before it and after it) goes through prost.
-    let at = payload.raw.as_ptr() as usize - bytes.as_ptr() as usize;
-    let (before, after) = (&bytes[..at], &bytes[at + payload.raw.len()..]);
+    // Everything but the payload goes through prost.
     let mut ev = Box::<bep::BuildEvent>::default();
-    if let Err(e) = ev.merge(bytes::Buf::chain(before, after)) {
+    if let Err(e) = merge_fields(&mut *ev, bytes, |n| n != payload.number)? {
         return Some(Err(e));
     }
     if unread {
