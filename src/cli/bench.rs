@@ -570,14 +570,13 @@ fn decode_only(path: &Path, format: Format, ctx: &Context) -> anyhow::Result<Pas
     let reader = BufReader::with_capacity(READ_BUF, file);
     let origin = path.display().to_string();
     let mut framer = Framer::new(reader, format.framing(), &origin, ctx.max_event_bytes);
+    if format == Format::BitbakeEventlog {
+        anyhow::bail!("bench translate measures Bazel streams only");
+    }
     // What translation keeps of a binary event, as `translate_file` decodes it.
     let needs = crate::evt::bazel::BazelTranslator::decode_needs(ctx);
-    let binary = |b: &[u8]| codec::decode_binary(b, &needs);
-    let decode: &dyn Fn(&[u8]) -> _ = match format {
-        Format::BepJson => &codec::decode_json,
-        Format::BepBinary => &binary,
-        Format::BitbakeEventlog => anyhow::bail!("bench translate measures Bazel streams only"),
-    };
+    let binary = format == Format::BepBinary;
+    let decode = |b: &[u8]| codec::decode(b, binary, &needs);
     let (mut events, mut bytes) = (0u64, 0u64);
     loop {
         match framer.next_frame() {

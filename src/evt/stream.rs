@@ -392,17 +392,14 @@ fn drive<R: BufRead>(
         Format::BepJson | Format::BepBinary => {
             let mut tr = BazelTranslator::new(ctx.clone(), source);
             let needs = BazelTranslator::decode_needs(ctx);
-            let binary = |b: &[u8]| codec::decode_binary(b, &needs);
-            let decode: &dyn Fn(&[u8]) -> _ = match format {
-                Format::BepJson => &codec::decode_json,
-                _ => &binary,
-            };
+            let binary = format == Format::BepBinary;
+            let decode = |b: &[u8]| codec::decode(b, binary, &needs);
             run(
                 reader,
                 format,
                 &origin,
                 ctx,
-                decode,
+                &decode,
                 &mut tr,
                 &mut report,
                 follow,

@@ -28,6 +28,16 @@ pub fn decode_binary(bytes: &[u8], needs: &Needs) -> Result<Box<BuildEvent>, Rea
         .map_err(|e| Reason::Protobuf(e.to_string()))
 }
 
+/// Decodes one frame of a Bazel stream: a JSON line, or (`binary`) a protobuf frame as
+/// [`decode_binary`] does.
+pub fn decode(bytes: &[u8], binary: bool, needs: &Needs) -> Result<Box<BuildEvent>, Reason> {
+    if binary {
+        decode_binary(bytes, needs)
+    } else {
+        decode_json(bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
