@@ -23,7 +23,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use buildbus::client::{Message, MonitorBuilder};
+use buildbus::consumers::client::{Message, MonitorBuilder};
 use buildbus::model::BuildResult;
 
 /// The last message ids notified (a bounded memory).

@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use buildbus::client::MonitorBuilder;
+use buildbus::consumers::client::MonitorBuilder;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut url = std::env::var("BUILDBUS_URL")

@@ -7,39 +7,39 @@
 //! The source tree is the pipeline, in the order data flows through it:
 //!
 //! ```text
-//!  source ──► translate ──────► publish ──► consume ──► store
-//!  evt/<system>/                bus/        dsi/worker  dsi/store/{sqlite,postgres}
-//!  (framing, codec, translator)
+//!  sources/ ──► systems/ ──► bus/ ═══► consumers/ ──► stores/
+//!  (file, bes,   (bazel,     (topology,  (client,      (sqlite,
+//!   bitbake_live) bitbake)    publisher)  dsi)          postgres)
+//!        └──── pipeline/ wires these three ────┘
 //! ```
 //!
 //! - [`model`]: the normalized message model v1 (envelope, payload kinds, routing keys,
 //!   deterministic ids): the contract between all other parts;
-//! - [`evt`]: the Event Translation Layer; one folder per build system
-//!   ([`evt::bazel`], [`evt::bitbake`]), sharing framing, errors, redaction, the
-//!   Pulse-field rules and the stream driver (files, followed files);
-//! - [`bus`]: RabbitMQ: topology, the AMQP form of a message, the confirmed publisher,
-//!   file sources with checkpoints;
-//! - [`dsi`]: the Data Store Interface: the storage worker pool (validate, batch,
-//!   commit, then ack) and the stores (SQLite, PostgreSQL) with their queries;
-//! - [`infra`]: private RabbitMQ nodes and PostgreSQL clusters for tests, the demo and
-//!   the benchmarks;
-//! - [`config`]: `config/buildbus.toml`, compiled in as the defaults;
-//! - [`report`]: human summaries of translated builds;
-//! - [`client`]: filtered subscriptions with callbacks, behind `buildbus monitor`;
+//! - [`decode`]: pure decoders of bytes (framing, pickles, XML-RPC, BEP): no I/O;
+//! - [`systems`]: one folder per build system (its translator and what it needs), and
+//!   what they share: the [`Translator`](systems::Translator) trait, Pulse-field rules,
+//!   redaction;
+//! - [`sources`]: one folder per way events arrive (files, BitBake's live XML-RPC
+//!   interface, the Bazel Build Event Service);
+//! - [`bus`]: RabbitMQ: topology, the AMQP form of a message, the confirmed publisher;
+//! - [`pipeline`]: source → translate → publish, with confirms, checkpoints and acks,
+//!   and the artifact scan at a build's end;
 //! - [`aam`]: the Artifacts Analysis Module: scans a finished build's directory,
-//!   classifies and hashes what it finds, and gives `artifact` messages of that build
-//!   (`buildbus aam`, and `--build-dir` of `publish`/`bitbake-live`);
+//!   classifies and hashes what it finds, and gives `artifact` messages of that build;
+//! - [`consumers`]: what reads the bus: the client library and the DSI storage workers;
+//! - [`stores`]: the permanent record (SQLite, PostgreSQL) and its queries;
+//! - [`config`]: `config/buildbus.toml`, compiled in as the defaults;
 //! - [`cli`]: the `buildbus` command line (`anyhow` lives only there and in `main.rs`).
-//!
-//! Still to come (see the issues): the Bazel Build Event Service source.
 
 pub mod aam;
 pub mod bus;
 pub mod cli;
-pub mod client;
 pub mod config;
-pub mod dsi;
-pub mod evt;
+pub mod consumers;
+pub mod decode;
 pub mod infra;
 pub mod model;
-pub mod report;
+pub mod pipeline;
+pub mod sources;
+pub mod stores;
+pub mod systems;

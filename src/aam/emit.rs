@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use super::locate::locate;
 use super::scan::{scan, Artifact, ScanOptions, ScanReport};
 use super::{AamError, Rules};
-use crate::evt::bitbake::translate::DEPLOY_VARS;
 use crate::model::{
     ArtifactPayload, BuildState, Common, Envelope, Payload, SourceMeta, DEFAULT_EXCHANGE_PREFIX,
 };
+use crate::systems::bitbake::translate::DEPLOY_VARS;
 
 /// The input format scanned artifacts say they come from (`_meta.source.format`).
 pub const SOURCE_FORMAT: &str = "aam";

@@ -7,14 +7,10 @@
 //! - [`publish`]: the confirmed publisher: bounded in-flight window, a message counts as
 //!   published only when the broker acked it, and unconfirmed messages are resent after a
 //!   reconnect;
-//! - [`source`] and [`checkpoint`]: publishing a file (following it as it grows), with
-//!   a checkpoint of what the broker confirmed so a restart resumes where it stopped.
 
-pub mod checkpoint;
 pub mod connect;
 pub mod message;
 pub mod publish;
-pub mod source;
 pub mod topology;
 
 /// Errors talking to the broker.

@@ -14,8 +14,8 @@ use super::{Cli, FieldArgs};
 use crate::aam::{self, BuildScanner, Rules, ScanOptions};
 use crate::bus::message::Outgoing;
 use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::evt::fields::PulseFields;
 use crate::model::{ids, time, SourceMeta};
+use crate::systems::fields::PulseFields;
 
 const EXAMPLES: &str = "\
 Examples:

@@ -22,10 +22,11 @@ use prost::Message;
 use serde_json::{json, Value};
 
 use super::{Cli, FieldArgs};
-use crate::evt::bazel::codec;
-use crate::evt::bazel::proto::build_event_stream::{build_event::Payload, BuildEvent};
-use crate::evt::framing::{Framer, Next};
-use crate::evt::{translate_file, Context, Format};
+use crate::decode::bep::codec;
+use crate::decode::bep::proto::build_event_stream::{build_event::Payload, BuildEvent};
+use crate::decode::framing::{Framer, Next};
+use crate::sources::file::{translate_file, Format};
+use crate::systems::Context;
 
 /// The read buffer of `translate_file` (`src/evt/stream.rs`), used by the baselines too.
 const READ_BUF: usize = 256 * 1024;
@@ -297,7 +298,7 @@ fn bin_template(name: &str, path: &Path) -> anyhow::Result<(Template, u64)> {
     let mut started = None;
     let mut reencoded = 0u64;
     while at < bytes.len() {
-        let (len, n) = crate::evt::framing::varint(bytes.get(at..).unwrap_or_default())
+        let (len, n) = crate::decode::framing::varint(bytes.get(at..).unwrap_or_default())
             .ok_or_else(|| anyhow!("{}: bad length prefix at {at}", path.display()))?;
         let body = at + n
             ..usize::try_from(len)
@@ -574,7 +575,7 @@ fn decode_only(path: &Path, format: Format, ctx: &Context) -> anyhow::Result<Pas
         anyhow::bail!("bench translate measures Bazel streams only");
     }
     // What translation keeps of a binary event, as `translate_file` decodes it.
-    let needs = crate::evt::bazel::BazelTranslator::decode_needs(ctx);
+    let needs = crate::systems::bazel::BazelTranslator::decode_needs(ctx);
     let binary = format == Format::BepBinary;
     let decode = |b: &[u8]| codec::decode(b, binary, &needs);
     let (mut events, mut bytes) = (0u64, 0u64);

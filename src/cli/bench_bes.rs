@@ -23,20 +23,21 @@ use prost::Message;
 
 use super::Cli;
 use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::bus::source::{publish_file, FileOptions};
-use crate::evt::bazel::bes::capture;
-use crate::evt::bazel::bes::proto::v1::build_event::{
-    build_component_stream_finished::FinishType, BuildComponentStreamFinished, Event as BesEvent,
-};
-use crate::evt::bazel::bes::proto::v1::{
-    BuildEvent as BesBuildEvent, OrderedBuildEvent, PublishBuildToolEventStreamRequest, StreamId,
-};
-use crate::evt::bazel::bes::proto::BAZEL_EVENT_TYPE;
-use crate::evt::bazel::bes::{self, BesConfig};
-use crate::evt::bazel::proto::build_event_stream::{build_event::Payload, BuildEvent};
-use crate::evt::{translate_file, Context, Format};
+use crate::decode::bep::proto::build_event_stream::{build_event::Payload, BuildEvent};
 use crate::infra::RabbitNode;
 use crate::model::DEFAULT_EXCHANGE_PREFIX;
+use crate::pipeline::file::{publish_file, FileOptions};
+use crate::sources::bes::capture;
+use crate::sources::bes::proto::v1::build_event::{
+    build_component_stream_finished::FinishType, BuildComponentStreamFinished, Event as BesEvent,
+};
+use crate::sources::bes::proto::v1::{
+    BuildEvent as BesBuildEvent, OrderedBuildEvent, PublishBuildToolEventStreamRequest, StreamId,
+};
+use crate::sources::bes::proto::BAZEL_EVENT_TYPE;
+use crate::sources::bes::{self, BesConfig};
+use crate::sources::file::{translate_file, Format};
+use crate::systems::Context;
 
 #[derive(Debug, Args)]
 pub struct BesBench {

@@ -18,7 +18,8 @@ use base64::Engine as _;
 use clap::Args;
 
 use super::Cli;
-use crate::evt::{translate_file, Context, Format};
+use crate::sources::file::{translate_file, Format};
+use crate::systems::Context;
 
 /// Options of `bench bitbake`.
 #[derive(Debug, Args)]

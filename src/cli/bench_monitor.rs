@@ -23,10 +23,11 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use super::Cli;
 use crate::bus::message::Outgoing;
 use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::client::MonitorBuilder;
-use crate::evt::{translate_file, Context};
+use crate::consumers::client::MonitorBuilder;
 use crate::infra::rabbitmq::RabbitNode;
 use crate::model::{ids, Envelope, DEFAULT_EXCHANGE_PREFIX};
+use crate::sources::file::translate_file;
+use crate::systems::Context;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -204,14 +205,14 @@ async fn bare_consumer(
     count: usize,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<Vec<i64>>>> {
     use crate::bus::topology::Topology;
-    use crate::client::queue::{self, QueueLimits};
+    use crate::consumers::client::queue::{self, QueueLimits};
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     let topo = Topology::new(DEFAULT_EXCHANGE_PREFIX);
     topo.declare_exchanges(&ch).await?;
     let q = if durable {
         let limits = QueueLimits {
-            max_length: crate::client::DEFAULT_MAX_LENGTH,
+            max_length: crate::consumers::client::DEFAULT_MAX_LENGTH,
             max_length_bytes: None,
         };
         let name = "queue/guest/bench-bare";
@@ -220,9 +221,9 @@ async fn bare_consumer(
     } else {
         queue::declare_exclusive(&ch).await?
     };
-    let all: Vec<crate::client::Binding> = crate::model::Kind::ALL
+    let all: Vec<crate::consumers::client::Binding> = crate::model::Kind::ALL
         .iter()
-        .map(|k| crate::client::Binding {
+        .map(|k| crate::consumers::client::Binding {
             exchange: topo.exchange(*k),
             routing_key: "#".into(),
         })

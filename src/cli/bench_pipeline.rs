@@ -26,11 +26,12 @@ use super::Cli;
 use crate::bus::message::Outgoing;
 use crate::bus::publish::{Publisher, PublisherConfig};
 use crate::bus::topology::{Topology, DSI_QUEUE};
-use crate::dsi::worker::{run_pool, DsiConfig, DsiStats};
-use crate::evt::{translate_file, Context};
+use crate::consumers::dsi::worker::{run_pool, DsiConfig, DsiStats};
 use crate::infra::postgres::PgCluster;
 use crate::infra::rabbitmq::RabbitNode;
 use crate::model::{ids, time, Envelope, DEFAULT_EXCHANGE_PREFIX};
+use crate::sources::file::translate_file;
+use crate::systems::Context;
 
 /// Options of `bench pipeline`.
 #[derive(Debug, Args)]
@@ -260,7 +261,7 @@ pub fn run(_cli: &Cli, a: &PipelineBench) -> anyhow::Result<ExitCode> {
     for (name, store) in alone {
         let batch = envs.clone();
         let secs = std::thread::spawn(move || -> anyhow::Result<f64> {
-            let mut st = crate::dsi::store::open(&store)?;
+            let mut st = crate::stores::open(&store)?;
             let t = Instant::now();
             for chunk in batch.chunks(500) {
                 st.write_batch(chunk)?;

@@ -11,9 +11,9 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::{Cli, FieldArgs};
-use crate::bus::checkpoint;
 use crate::bus::publish::PublisherConfig;
-use crate::evt::bazel::bes::{self, capture, Auth, BesConfig};
+use crate::sources::bes::{self, capture, Auth, BesConfig};
+use crate::sources::file::checkpoint;
 
 const BES_EXAMPLES: &str = "\
 Examples:

@@ -10,8 +10,8 @@ use clap::Args;
 use super::{Cli, FieldArgs};
 use crate::bus::message::Outgoing;
 use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::evt::bitbake::live::{interrupt_channel, LiveEnd, LiveOptions};
-use crate::evt::bitbake::session::translate_live;
+use crate::pipeline::bitbake_live::translate_live;
+use crate::sources::bitbake_live::{interrupt_channel, LiveEnd, LiveOptions};
 
 const EXAMPLES: &str = "\
 Examples:

@@ -18,11 +18,11 @@ use clap::Args;
 
 use super::{Cli, FieldArgs};
 use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::bus::source::{publish_file, FileOptions};
-use crate::client::MonitorBuilder;
-use crate::dsi::worker::{run_pool, DsiConfig, DsiStats};
-use crate::evt::bazel::bes::{self, capture, BesConfig};
+use crate::consumers::client::MonitorBuilder;
+use crate::consumers::dsi::worker::{run_pool, DsiConfig, DsiStats};
 use crate::infra::rabbitmq::RabbitNode;
+use crate::pipeline::file::{publish_file, FileOptions};
+use crate::sources::bes::{self, capture, BesConfig};
 
 const EXAMPLES: &str = "\
 Examples:

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{Cli, FieldArgs};
-use crate::dsi::worker::{run_pool, DsiConfig, DsiStats};
+use crate::consumers::dsi::worker::{run_pool, DsiConfig, DsiStats};
 
 const EXAMPLES: &str = "\
 Examples:

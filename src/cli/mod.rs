@@ -15,6 +15,7 @@ mod dsi;
 mod monitor;
 mod publish;
 mod query;
+mod summary;
 mod translate;
 
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, FieldValues};
-use crate::evt::Context;
+use crate::systems::Context;
 
 const ABOUT: &str =
     "buildbus: build events from BitBake and Bazel, as normalized messages on RabbitMQ";
@@ -130,7 +131,7 @@ pub(crate) fn context(
     fields: &FieldArgs,
 ) -> anyhow::Result<(Config, Context)> {
     let cfg = Config::load(config)?;
-    let ctx = Context::new(&cfg, &fields.values());
+    let ctx = Context::new(&cfg, &fields.values())?;
     Ok((cfg, ctx))
 }
 

@@ -1,6 +1,6 @@
 //! `buildbus monitor`: a filtered subscription from the command line. One readable line
 //! per message, JSON lines, or a command run per message (so a team can subscribe in
-//! any language). Built on [`crate::client`]; Ctrl-C stops it cleanly.
+//! any language). Built on [`crate::consumers::client`]; Ctrl-C stops it cleanly.
 
 use std::io::{ErrorKind, Write};
 use std::process::{Command, ExitCode, Stdio};
@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::{Cli, FieldArgs};
-use crate::client::{Message, MonitorBuilder, Stopper, DEFAULT_MAX_LENGTH};
+use crate::consumers::client::{Message, MonitorBuilder, Stopper, DEFAULT_MAX_LENGTH};
 use crate::model::{Envelope, Kind, Payload};
 
 const EXAMPLES: &str = "\
@@ -427,8 +427,8 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/bazel/build_fail.json");
         let mut msgs = Vec::new();
-        let ctx = std::sync::Arc::new(crate::evt::Context::builtin());
-        crate::evt::translate_file(&path, None, &ctx, &mut |e| msgs.push(e));
+        let ctx = std::sync::Arc::new(crate::systems::Context::builtin());
+        crate::sources::file::translate_file(&path, None, &ctx, &mut |e| msgs.push(e));
         let last = line(msgs.last().unwrap());
         assert!(last.contains("build    finished failure (exit 1"), "{last}");
         assert!(last.contains("[bep-fixture/k8/fastbuild/bzlws]"), "{last}");

@@ -12,9 +12,10 @@ use clap::Args;
 use super::translate::FormatArg;
 use super::{Cli, FieldArgs};
 use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::bus::source::{publish_file, FileOptions};
-use crate::bus::{checkpoint, connect, topology::Topology};
-use crate::evt::Follow;
+use crate::bus::{connect, topology::Topology};
+use crate::pipeline::file::{publish_file, FileOptions};
+use crate::sources::file::checkpoint;
+use crate::sources::file::Follow;
 
 const PUBLISH_EXAMPLES: &str = "\
 Examples:

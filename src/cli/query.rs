@@ -10,7 +10,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Args, Subcommand};
 
 use super::Cli;
-use crate::dsi::store::{self, BuildDetail, BuildFilter, BuildRow, Store, StoreUrl};
+use crate::stores::{self as store, BuildDetail, BuildFilter, BuildRow, Store, StoreUrl};
 
 const EXAMPLES: &str = "\
 Examples:

@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::{Cli, FieldArgs};
-use crate::evt::{translate_file, Format};
-use crate::report::Summaries;
+use crate::cli::summary::Summaries;
+use crate::sources::file::{translate_file, Format};
 
 const EXAMPLES: &str = "\
 Examples:

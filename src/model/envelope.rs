@@ -542,21 +542,6 @@ impl Envelope {
         self.meta.kind
     }
 
-    /// The JSON bytes sent on the bus.
-    pub fn to_json(&self) -> Vec<u8> {
-        // Room for a typical message (about 1.1 KB) from the start, rather than growing
-        // from nothing.
-        let mut json = Vec::with_capacity(1536);
-        self.write_json(&mut json);
-        json
-    }
-
-    /// Appends the JSON of [`Envelope::to_json`] to `out`: the bytes `serde_json` writes
-    /// for this envelope, written by hand (see `model/json.rs`).
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        super::json::envelope(out, self);
-    }
-
     /// Parses an envelope from JSON, typing the payload by `_meta.kind`.
     pub fn from_json(bytes: &[u8]) -> Result<Envelope, serde_json::Error> {
         #[derive(Deserialize)]

@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use buildbus::aam::{self, Artifact, Rules, Scan, ScanOptions};
 use buildbus::bus::topology::DSI_QUEUE;
-use buildbus::dsi::store::ArtifactRow;
 use buildbus::model::{Envelope, Payload};
+use buildbus::stores::ArtifactRow;
 use sha2::{Digest, Sha256};
 
 use crate::harness::*;
@@ -824,7 +824,7 @@ fn the_cli_prints_a_table_and_valid_messages_with_stable_ids() {
         "{err}"
     );
     // JSON: every message valid, ids the same on a second scan.
-    let validators = buildbus::dsi::validate::Validators::new().unwrap();
+    let validators = buildbus::consumers::dsi::validate::Validators::new().unwrap();
     let ids = |o: &std::process::Output| -> BTreeSet<String> {
         String::from_utf8_lossy(&o.stdout)
             .lines()
@@ -865,7 +865,7 @@ fn store_all(url: &str, store: &str, want: u64) {
 fn stored_artifacts(store: &str, build_id: &str) -> Vec<ArtifactRow> {
     let (s, b) = (store.to_string(), build_id.to_string());
     std::thread::spawn(move || {
-        buildbus::dsi::store::open(&s)
+        buildbus::stores::open(&s)
             .unwrap()
             .query_build(&b)
             .unwrap()
@@ -1052,7 +1052,7 @@ fn a_finished_bazel_builds_named_outputs_and_scanned_files_are_stored() {
 
 #[test]
 fn bitbake_live_publishes_the_artifacts_of_the_build_it_watched() {
-    use buildbus::evt::bitbake::replay::{ReplayData, ReplayOptions, ReplayServer};
+    use crate::bitbake_replay::{ReplayData, ReplayOptions, ReplayServer};
     let d = tempdir();
     let t = yocto_tree(d.path());
     let rt = rt();

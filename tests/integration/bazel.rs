@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use buildbus::config::{Config, FieldValues};
-use buildbus::evt::Context;
 use buildbus::model::{BuildResult, Kind, TaskOutcome};
+use buildbus::systems::Context;
 
 use crate::harness::*;
 
@@ -397,7 +397,7 @@ fn configured_secret_patterns_apply_to_metadata() {
         "test",
     )
     .unwrap();
-    let ctx = Context::new(&cfg, &FieldValues::default());
+    let ctx = Context::new(&cfg, &FieldValues::default()).unwrap();
     let (msgs, _) = translate_with(&fixture("bazel/build_ok.json"), &ctx);
     let f = finished(&msgs);
     assert_eq!(
@@ -417,7 +417,7 @@ fn pulse_fields_follow_config_and_overrides() {
         "test",
     )
     .unwrap();
-    let ctx = Context::new(&cfg, &FieldValues::default());
+    let ctx = Context::new(&cfg, &FieldValues::default()).unwrap();
     let (msgs, _) = translate_with(&fixture("bazel/build_ok.json"), &ctx);
     let c = &finished(&msgs).common;
     assert_eq!(c.tree.as_deref(), Some("acme"));
@@ -429,7 +429,7 @@ fn pulse_fields_follow_config_and_overrides() {
         tree: Some("other.tree".into()),
         ..Default::default()
     };
-    let ctx = Context::new(&cfg, &over);
+    let ctx = Context::new(&cfg, &over).unwrap();
     let (msgs, _) = translate_with(&fixture("bazel/build_ok.json"), &ctx);
     assert!(msgs.iter().all(|m| m
         .meta

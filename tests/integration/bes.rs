@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use buildbus::bus::publish::PublisherConfig;
 use buildbus::bus::topology::DSI_QUEUE;
-use buildbus::evt::bazel::bes::capture::{self, Call};
-use buildbus::evt::bazel::bes::proto::v1::publish_build_event_client::PublishBuildEventClient;
-use buildbus::evt::bazel::bes::proto::v1::PublishBuildToolEventStreamRequest;
-use buildbus::evt::bazel::bes::{self, Auth, BesConfig};
-use buildbus::evt::Context;
 use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::{Envelope, Payload, DEFAULT_EXCHANGE_PREFIX};
+use buildbus::sources::bes::capture::{self, Call};
+use buildbus::sources::bes::proto::v1::publish_build_event_client::PublishBuildEventClient;
+use buildbus::sources::bes::proto::v1::PublishBuildToolEventStreamRequest;
+use buildbus::sources::bes::{self, Auth, BesConfig};
+use buildbus::systems::Context;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
@@ -766,7 +766,7 @@ fn copy_tree(from: &Path, to: &Path) {
 /// `INVALID_ARGUMENT`.
 #[test]
 fn bad_events_are_skipped_and_the_build_goes_on() {
-    use buildbus::evt::bazel::bes::proto::v1::build_event::Event as BesEvent;
+    use buildbus::sources::bes::proto::v1::build_event::Event as BesEvent;
     let (url, _) = vhost("bes-bad-input");
     let spool = tempdir();
     let mut reqs = stream_requests("bazel/bes_capture.jsonl");
@@ -785,7 +785,7 @@ fn bad_events_are_skipped_and_the_build_goes_on() {
     };
     reqs.push(bad(
         30,
-        buildbus::evt::bazel::bes::proto::BAZEL_EVENT_TYPE,
+        buildbus::sources::bes::proto::BAZEL_EVENT_TYPE,
         b"\xff\xff\xff garbage",
     ));
     reqs.push(bad(31, "type.googleapis.com/some.Other", b"\x08\x01"));

@@ -6,16 +6,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::bitbake_replay::{
+    RecordedCall, ReplayData, ReplayEvent, ReplayOptions, ReplayServer, ReplayStart,
+};
 use base64::Engine as _;
-use buildbus::evt::bitbake::live::{
+use buildbus::decode::pickle;
+use buildbus::decode::xmlrpc::{self, MethodResponse, Value};
+use buildbus::sources::bitbake_live::{
     interrupt_channel, run_live, run_live_with, LiveEnd, LiveError, LiveEvent, LiveOptions,
     LiveReport, FAULT_PARAMS, FAULT_PARSE,
 };
-use buildbus::evt::bitbake::pickle;
-use buildbus::evt::bitbake::replay::{
-    RecordedCall, ReplayData, ReplayEvent, ReplayOptions, ReplayServer, ReplayStart,
-};
-use buildbus::evt::bitbake::xmlrpc::{self, MethodResponse, Value};
 
 use crate::harness::fixture;
 
@@ -392,7 +392,7 @@ async fn garbage_calls_get_faults_and_the_session_goes_on() {
         .into_iter()
         .filter(|d| d.event.is_none())
         .collect();
-    let code = |d: &buildbus::evt::bitbake::replay::Delivery| match &d.answer {
+    let code = |d: &crate::bitbake_replay::Delivery| match &d.answer {
         Ok(MethodResponse::Fault { code, .. }) => Some(*code),
         _ => None,
     };

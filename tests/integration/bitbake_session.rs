@@ -4,11 +4,11 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use crate::bitbake_replay::{ReplayData, ReplayOptions, ReplayServer};
 use buildbus::bus::topology::DSI_QUEUE;
-use buildbus::evt::bitbake::live::{LiveEnd, LiveOptions};
-use buildbus::evt::bitbake::replay::{ReplayData, ReplayOptions, ReplayServer};
-use buildbus::evt::bitbake::session::translate_live;
-use buildbus::evt::Context;
+use buildbus::pipeline::bitbake_live::translate_live;
+use buildbus::sources::bitbake_live::{LiveEnd, LiveOptions};
+use buildbus::systems::Context;
 
 use crate::harness::*;
 

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use buildbus::bus::message::header;
 use buildbus::bus::publish::{Publisher, PublisherConfig};
-use buildbus::bus::source::{publish_file, FileOptions};
 use buildbus::bus::topology::DSI_QUEUE;
-use buildbus::evt::Context;
 use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::DEFAULT_EXCHANGE_PREFIX;
+use buildbus::pipeline::file::{publish_file, FileOptions};
+use buildbus::systems::Context;
 
 use crate::harness::*;
 
@@ -38,7 +38,7 @@ async fn publish_all(url: &str, files: &[&str], cp_dir: Option<&std::path::Path>
     for f in files {
         let path = fixture(f);
         let opts = FileOptions {
-            checkpoint: cp_dir.map(|d| buildbus::bus::checkpoint::default_file(d, &path)),
+            checkpoint: cp_dir.map(|d| buildbus::sources::file::checkpoint::default_file(d, &path)),
             ..Default::default()
         };
         let r = publish_file(&mut p, &path, ctx.clone(), &opts, 64)

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use buildbus::bus::message::{header, Outgoing};
 use buildbus::bus::publish::{Publisher, PublisherConfig};
 use buildbus::bus::topology::DEAD_LETTER_QUEUE;
-use buildbus::client::{ClientError, Monitor, MonitorBuilder};
 use buildbus::config::{Config, FieldValues};
-use buildbus::evt::Context;
+use buildbus::consumers::client::{ClientError, Monitor, MonitorBuilder};
 use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::{BuildState, Envelope, Kind, Payload, DEFAULT_EXCHANGE_PREFIX};
+use buildbus::systems::Context;
 
 use crate::harness::*;
 
@@ -89,7 +89,7 @@ fn translate_as(i: usize) -> Vec<Envelope> {
         tags: tags.iter().map(|t| t.to_string()).collect(),
         ..Default::default()
     };
-    let ctx = Context::new(&Config::builtin(), &fields);
+    let ctx = Context::new(&Config::builtin(), &fields).unwrap();
     let (msgs, report) = translate_with(&fixture(rel), &ctx);
     assert!(report.clean(), "{rel}: {:?}", report.errors);
     msgs
@@ -798,7 +798,8 @@ fn stop_lets_the_callback_in_hand_finish_and_join_waits() {
     let sn = seen.clone();
     let count = Arc::new(AtomicU64::new(0));
     let c = count.clone();
-    let stopper_slot: Arc<OnceLock<buildbus::client::Stopper>> = Arc::new(OnceLock::new());
+    let stopper_slot: Arc<OnceLock<buildbus::consumers::client::Stopper>> =
+        Arc::new(OnceLock::new());
     let slot = stopper_slot.clone();
     let m = MonitorBuilder::new(&url)
         .label("slow")

@@ -5,12 +5,17 @@ use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
-use buildbus::evt::{translate_reader, Context, Format};
+use buildbus::sources::file::{translate_reader, Format};
+use buildbus::systems::Context;
 use proptest::prelude::*;
 
 use crate::harness::fixture;
 
-fn run(bytes: &[u8], format: Option<Format>, name: &str) -> (usize, buildbus::evt::StreamReport) {
+fn run(
+    bytes: &[u8],
+    format: Option<Format>,
+    name: &str,
+) -> (usize, buildbus::sources::file::StreamReport) {
     let ctx = Arc::new(Context::builtin());
     let mut n = 0;
     let r = translate_reader(

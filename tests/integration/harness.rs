@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use buildbus::evt::{translate_file, Context, StreamReport};
 use buildbus::model::{Envelope, Payload};
+use buildbus::sources::file::{translate_file, StreamReport};
+use buildbus::systems::Context;
 
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -219,10 +220,10 @@ pub fn store_urls(name: &str, dir: &Path) -> Vec<String> {
 }
 
 /// Counts rows of a store, from a plain thread (store drivers block).
-pub fn store_counts(url: &str) -> buildbus::dsi::store::TableCounts {
+pub fn store_counts(url: &str) -> buildbus::stores::TableCounts {
     let url = url.to_string();
     std::thread::spawn(move || {
-        buildbus::dsi::store::open(&url)
+        buildbus::stores::open(&url)
             .expect("open store")
             .counts()
             .expect("counts")

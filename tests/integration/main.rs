@@ -10,6 +10,7 @@ mod bazel;
 mod bes;
 mod bitbake;
 mod bitbake_live;
+mod bitbake_replay;
 mod bitbake_session;
 mod bus;
 mod cli;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use buildbus::dsi::worker::{run_pool, DsiConfig, DsiStats};
+use buildbus::consumers::dsi::worker::{run_pool, DsiConfig, DsiStats};
 use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::{Envelope, DEFAULT_EXCHANGE_PREFIX};
 
@@ -38,7 +38,7 @@ fn translated(paths: &[std::path::PathBuf]) -> Vec<Envelope> {
 }
 
 /// Expected rows per table: distinct messages, builds and entities per kind.
-pub fn expected_counts(msgs: &[Envelope]) -> buildbus::dsi::store::TableCounts {
+pub fn expected_counts(msgs: &[Envelope]) -> buildbus::stores::TableCounts {
     let distinct = |kind: &str| {
         msgs.iter()
             .filter(|m| m.meta.kind.as_str() == kind)
@@ -46,7 +46,7 @@ pub fn expected_counts(msgs: &[Envelope]) -> buildbus::dsi::store::TableCounts {
             .collect::<BTreeSet<_>>()
             .len() as u64
     };
-    buildbus::dsi::store::TableCounts {
+    buildbus::stores::TableCounts {
         messages: msgs
             .iter()
             .map(|m| m.meta.message_id.clone())
@@ -138,7 +138,7 @@ fn every_fixture_stored_once_even_when_published_twice() {
         // The stored build rows say what the messages said.
         let s = store.clone();
         let rows = std::thread::spawn(move || {
-            buildbus::dsi::store::open(&s)
+            buildbus::stores::open(&s)
                 .unwrap()
                 .query_builds(&Default::default())
                 .unwrap()
@@ -360,9 +360,9 @@ fn out_of_order_delivery_converges() {
     let ordered = format!("sqlite:{}", dir.path().join("ord.db").display());
     let (r2, o2, msgs2) = (reversed.clone(), ordered.clone(), msgs.clone());
     let (a, b) = std::thread::spawn(move || {
-        let mut o = buildbus::dsi::store::open(&o2).unwrap();
+        let mut o = buildbus::stores::open(&o2).unwrap();
         o.write_batch(&msgs2).unwrap();
-        let mut r = buildbus::dsi::store::open(&r2).unwrap();
+        let mut r = buildbus::stores::open(&r2).unwrap();
         let ids: Vec<String> = o
             .query_builds(&Default::default())
             .unwrap()

@@ -15,8 +15,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use buildbus::evt::{translate_file, Context};
 use buildbus::model::Kind;
+use buildbus::sources::file::translate_file;
+use buildbus::systems::Context;
 use jsonschema::{Draft, Registry, Validator};
 use serde_json::{json, Value};
 

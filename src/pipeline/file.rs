@@ -1,0 +1,172 @@
+//! Publishing a file source: read (and follow), translate, publish with confirms, and
+//! keep the file's checkpoint.
+//!
+//! The reader runs on a blocking thread and hands messages over a bounded channel, so
+//! when the publisher's in-flight window is full the reader waits: memory stays bounded
+//! however large the file or long the outage. The checkpoint only moves to an offset
+//! once every message emitted up to that offset is confirmed.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::aam::BuildScanner;
+use crate::bus::message::Outgoing;
+use crate::bus::publish::Publisher;
+use crate::bus::BusError;
+use crate::sources::file::checkpoint;
+use crate::sources::file::{read_file, Follow, Format, Progress, StreamReport};
+use crate::systems::Context;
+
+/// How to publish one file.
+#[derive(Debug, Clone, Default)]
+pub struct FileOptions {
+    pub format: Option<Format>,
+    pub follow: Option<Follow>,
+    /// The checkpoint file (`None`: no checkpoint).
+    pub checkpoint: Option<PathBuf>,
+    /// The artifact scanner of the build directory: when a build's `finished` message
+    /// is read, the build's artifacts are published right after it (at the same
+    /// checkpoint offset, so a resumed publish neither loses nor repeats them).
+    pub artifacts: Option<Arc<BuildScanner>>,
+}
+
+/// What publishing one file did.
+#[derive(Debug, Clone, Default)]
+pub struct FileReport {
+    pub stream: StreamReport,
+    /// Messages confirmed by the broker.
+    pub published: u64,
+    /// Messages skipped because the checkpoint says they were confirmed before.
+    pub skipped: u64,
+    /// The offset the checkpoint ended at.
+    pub checkpoint: u64,
+}
+
+enum Item {
+    Message(Box<Outgoing>),
+    Through(u64),
+    Done(Box<StreamReport>, u64),
+}
+
+/// Publishes `path` through `publisher` (whose tokens are message sequence numbers).
+pub async fn publish_file(
+    publisher: &mut Publisher<u64>,
+    path: &Path,
+    ctx: Arc<Context>,
+    opts: &FileOptions,
+    window: usize,
+) -> Result<FileReport, BusError> {
+    let resume = opts
+        .checkpoint
+        .as_deref()
+        .map(|cp| checkpoint::load(cp, path))
+        .unwrap_or(0);
+    if resume > 0 {
+        tracing::info!("{}: resuming after byte {resume}", path.display());
+    }
+    let (tx, mut rx) = mpsc::channel::<Item>(window.max(16));
+    let reader = {
+        let path = path.to_path_buf();
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut skipped = 0;
+            let report = read_file(&path, opts.format, &ctx, opts.follow.as_ref(), &mut |p| {
+                let item = match p {
+                    Progress::Message(_, end) if end <= resume => {
+                        skipped += 1;
+                        return;
+                    }
+                    Progress::Message(env, _) => {
+                        let _ = tx
+                            .blocking_send(Item::Message(Box::new(Outgoing::from_envelope(&env))));
+                        // A finished build: its artifacts right after it, at its offset.
+                        if let Some(scanner) = &opts.artifacts {
+                            for a in scanner.after(&env) {
+                                let _ = tx.blocking_send(Item::Message(Box::new(
+                                    Outgoing::from_envelope(&a),
+                                )));
+                            }
+                        }
+                        return;
+                    }
+                    Progress::Through(end) => Item::Through(end),
+                };
+                // The receiver only goes away when publishing failed; stop quietly.
+                let _ = tx.blocking_send(item);
+            });
+            let _ = tx.blocking_send(Item::Done(Box::new(report), skipped));
+        })
+    };
+
+    let mut seq: u64 = 0;
+    // (messages sent before the boundary, offset): the checkpoint may move to `offset`
+    // once that many messages are confirmed.
+    let mut boundaries: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut confirmed: u64 = 0;
+    let mut at = resume;
+    let mut saved_at = Instant::now();
+    let mut advance = |done: Vec<u64>, boundaries: &mut VecDeque<(u64, u64)>, at: &mut u64| {
+        if let Some(last) = done.last() {
+            confirmed = last + 1;
+        }
+        while let Some(&(count, offset)) = boundaries.front() {
+            if count > confirmed {
+                break;
+            }
+            *at = (*at).max(offset);
+            boundaries.pop_front();
+        }
+    };
+    let save = |at: u64| {
+        if let Some(cp) = opts.checkpoint.as_deref() {
+            if let Err(e) = checkpoint::save(cp, path, at) {
+                tracing::warn!("{}: cannot write checkpoint: {e}", cp.display());
+            }
+        }
+    };
+    let mut last_token_offset: Option<u64> = None;
+    let (report, skipped) = loop {
+        let Some(item) = rx.recv().await else {
+            return Err(BusError::Other(format!(
+                "{}: the reader stopped",
+                path.display()
+            )));
+        };
+        match item {
+            Item::Message(out) => {
+                let done = publisher.publish(*out, seq).await?;
+                seq += 1;
+                advance(done, &mut boundaries, &mut at);
+            }
+            Item::Through(offset) => {
+                if last_token_offset != Some(offset) {
+                    boundaries.push_back((seq, offset));
+                    last_token_offset = Some(offset);
+                }
+            }
+            Item::Done(report, skipped) => break (report, skipped),
+        }
+        if saved_at.elapsed() > Duration::from_millis(500) {
+            save(at);
+            saved_at = Instant::now();
+        }
+    };
+    let _ = reader.await;
+    let done = publisher.flush().await?;
+    advance(done, &mut boundaries, &mut at);
+    if report.incomplete {
+        // Keep the checkpoint where the last complete event was.
+        at = at.min(report.end_offset);
+    }
+    save(at);
+    Ok(FileReport {
+        published: seq,
+        skipped,
+        checkpoint: at,
+        stream: *report,
+    })
+}

@@ -1,0 +1,698 @@
+//! One Bazel invocation on the BES backend: order, translate, publish, acknowledge.
+//!
+//! Every invocation is a task of its own (an actor) that outlives the gRPC streams
+//! carrying its events: Bazel may drop a stream and open another that starts at its
+//! first unacknowledged sequence number. The task owns the invocation's translator,
+//! its confirmed publisher and its spool, and is fed by whichever stream is attached.
+//!
+//! **Order and repeats.** Events are translated in sequence-number order, each number
+//! once. A number already translated is a repeat (a retried stream): it is not
+//! translated again, only acknowledged again. A number ahead of the next expected one
+//! waits in a bounded buffer until the gap is filled.
+//!
+//! **Acks mean durable.** The ack for sequence number N is sent only when every
+//! message derived from events 1..=N has been confirmed by the broker: after
+//! translating an event, the task notes how many messages had been handed to the
+//! publisher (a *mark*) unless the translator still holds messages back (the build's
+//! context is not complete), and N becomes acknowledgeable once that many messages
+//! are confirmed. While the broker is down nothing is confirmed, so acks wait and
+//! Bazel keeps its events; the publisher resends its unconfirmed messages when the
+//! broker is back. Acks go out in order, one per request the stream sent.
+//!
+//! **Restarts.** Raw events go to the spool before translation and the spool is
+//! synced before an ack moves past them; a new task for an invocation whose stream
+//! starts at N > 1 replays the spooled events below N first (see [`super::spool`]).
+//!
+//! **Silence.** A task that hears nothing for the configured idle timeout before the
+//! stream finished ends the build as incomplete ([`BazelTranslator::abandon`]).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::proto::v1::build_event::Event as BesEvent;
+use super::proto::v1::{OrderedBuildEvent, PublishBuildToolEventStreamResponse, StreamId};
+use super::proto::BAZEL_EVENT_TYPE;
+use super::server::Shared;
+use super::spool::{Record, SpoolFile};
+use crate::bus::message::Outgoing;
+use crate::bus::publish::Publisher;
+use crate::bus::BusError;
+use crate::decode::bep::codec::Needs;
+use crate::model::{Envelope, SourceMeta};
+use crate::systems::bazel::BazelTranslator;
+use crate::systems::Translator;
+
+/// Events held back while waiting for a missing sequence number, at most.
+pub const MAX_EARLY: usize = 10_000;
+
+/// What streams and lifecycle calls tell an invocation's task.
+#[derive(Debug)]
+pub enum Cmd {
+    /// A stream starts carrying this invocation; acks go to `acks`.
+    Attach {
+        stream: u64,
+        acks: mpsc::UnboundedSender<Result<PublishBuildToolEventStreamResponse, Status>>,
+    },
+    /// One request of a stream.
+    Event {
+        stream: u64,
+        ev: Box<OrderedBuildEvent>,
+    },
+    /// The stream's client half-closed: end the RPC once everything is acked.
+    HalfClose { stream: u64 },
+    /// The stream broke (client gone, transport error).
+    Gone { stream: u64 },
+    /// A fact from the lifecycle calls (or the stream's first request) for the build
+    /// messages' metadata.
+    Fact { key: String, value: String },
+    /// Bazel said the attempt finished (`InvocationAttemptFinished`), with its result.
+    AttemptFinished { result: String },
+}
+
+/// Where messages go.
+pub enum Out {
+    Broker(Box<Publisher<u64>>),
+    /// JSON lines on stdout (`bes --print`): written is confirmed.
+    Print,
+    /// The invocation is done and its broker connection closed.
+    Closed,
+}
+
+struct Attached {
+    no: u64,
+    acks: mpsc::UnboundedSender<Result<PublishBuildToolEventStreamResponse, Status>>,
+    stream_id: Option<StreamId>,
+    /// The next sequence number this stream is owed an ack for.
+    next_ack: Option<i64>,
+    /// Whether any ack went out on this stream yet.
+    acked_any: bool,
+    /// The highest sequence number this stream sent.
+    sent_max: i64,
+    half_closed: bool,
+}
+
+/// Counters of one invocation, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvocationStats {
+    pub events: u64,
+    pub repeats: u64,
+    pub reordered: u64,
+    pub bad_events: u64,
+    pub messages: u64,
+    pub acks: u64,
+    pub replayed: u64,
+}
+
+pub struct Invocation {
+    id: String,
+    shared: Arc<Shared>,
+    translator: BazelTranslator,
+    /// What the decoder keeps of an event for this translator.
+    needs: Needs,
+    out: Out,
+    /// The next sequence number to translate.
+    next_seq: i64,
+    early: BTreeMap<i64, OrderedBuildEvent>,
+    /// Messages handed to the publisher, and confirmed, so far.
+    emitted: u64,
+    confirmed: u64,
+    /// (sequence number, messages emitted once it was translated), for points where
+    /// nothing was held back.
+    marks: VecDeque<(i64, u64)>,
+    /// Every sequence number up to this one is confirmed (messages) ...
+    durable: i64,
+    /// ... and up to this one also synced in the spool: acks go up to here.
+    synced: i64,
+    /// Spool syncs are grouped: at most one per [`SYNC_EVERY`].
+    last_sync: Instant,
+    sync_due: Option<Instant>,
+    /// The sequence number of `componentStreamFinished`, once translated.
+    finished_seq: Option<i64>,
+    stream: Option<Attached>,
+    spool: Option<SpoolFile>,
+    stats: InvocationStats,
+    last_heard: Instant,
+}
+
+impl Invocation {
+    /// Starts an invocation's task; returns its command channel.
+    pub fn spawn(id: String, first_seq: i64, shared: Arc<Shared>) -> mpsc::Sender<Cmd> {
+        let (tx, rx) = mpsc::channel(1024);
+        let task_tx = tx.clone();
+        tokio::spawn(async move {
+            let id2 = id.clone();
+            let shared2 = Arc::clone(&shared);
+            match Invocation::start(id, first_seq, shared).await {
+                Ok(inv) => inv.run(rx).await,
+                Err(e) => tracing::error!("invocation {id2}: cannot start: {e}"),
+            }
+            shared2.forget(&id2, &task_tx);
+        });
+        tx
+    }
+
+    async fn start(
+        id: String,
+        first_seq: i64,
+        shared: Arc<Shared>,
+    ) -> Result<Invocation, BusError> {
+        let source = SourceMeta {
+            system: "bazel".into(),
+            format: "bes".into(),
+            origin: format!("{}/{id}", shared.origin),
+            tool_version: None,
+        };
+        let mut translator = BazelTranslator::new(Arc::clone(&shared.ctx), source);
+        for (k, v) in shared.facts_of(&id) {
+            translator.set_metadata(&k, &v);
+        }
+        let out = match &shared.publisher {
+            Some(cfg) => Out::Broker(Box::new(Publisher::connect(cfg.clone()).await?)),
+            None => Out::Print,
+        };
+        let mut inv = Invocation {
+            id,
+            needs: BazelTranslator::decode_needs(&shared.ctx),
+            translator,
+            out,
+            next_seq: 1,
+            early: BTreeMap::new(),
+            emitted: 0,
+            confirmed: 0,
+            marks: VecDeque::new(),
+            durable: 0,
+            synced: 0,
+            last_sync: Instant::now(),
+            sync_due: None,
+            finished_seq: None,
+            stream: None,
+            spool: None,
+            stats: InvocationStats::default(),
+            last_heard: Instant::now(),
+            shared,
+        };
+        inv.recover(first_seq);
+        Ok(inv)
+    }
+
+    /// Opens the spool; when the first stream starts past 1, replays what the spool
+    /// holds below it (their messages were confirmed before those events were acked).
+    fn recover(&mut self, first_seq: i64) {
+        let Some(spool) = self.shared.spool.clone() else {
+            return;
+        };
+        let records = if first_seq > 1 {
+            match spool.load(&self.id, first_seq) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("invocation {}: cannot read the spool: {e}", self.id);
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let contiguous = records
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.seq == i as i64 + 1);
+        if first_seq > 1 {
+            if records.len() as i64 == first_seq - 1 && contiguous {
+                tracing::info!(
+                    "invocation {}: resuming at sequence number {first_seq}; replaying {} spooled events",
+                    self.id,
+                    records.len()
+                );
+                for r in &records {
+                    self.translate_bazel(r.seq, &r.event, &mut |_| {});
+                    self.stats.replayed += 1;
+                }
+            } else {
+                tracing::warn!(
+                    "invocation {}: the stream starts at sequence number {first_seq} but the spool \
+                     holds {} of the {} events before it; translating without them (messages \
+                     may lack the build's context)",
+                    self.id,
+                    records.len(),
+                    first_seq - 1
+                );
+            }
+            self.next_seq = first_seq;
+            self.durable = first_seq - 1;
+            self.synced = first_seq - 1;
+        }
+        match spool.create(&self.id, &records) {
+            Ok(f) => self.spool = Some(f),
+            Err(e) => tracing::error!("invocation {}: cannot write the spool: {e}", self.id),
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        enum Step {
+            Cmd(Option<Cmd>),
+            Confirmed(Result<Vec<u64>, BusError>),
+            Sync,
+            Tick,
+        }
+        loop {
+            let busy = self.unconfirmed() > 0;
+            let done = self.done();
+            if done {
+                self.close_out().await;
+            }
+            let wait = if done {
+                self.shared.linger
+            } else if self.finished_seq.is_some() {
+                // Everything arrived; only the broker is awaited. Not silence.
+                Duration::from_secs(24 * 3600)
+            } else {
+                self.shared.idle_timeout
+            };
+            let deadline = self.last_heard + wait;
+            let step = tokio::select! {
+                c = rx.recv() => Step::Cmd(c),
+                r = confirmed(&mut self.out), if busy => Step::Confirmed(r),
+                _ = sleep_until_some(self.sync_due) => Step::Sync,
+                _ = tokio::time::sleep_until(deadline) => Step::Tick,
+            };
+            match step {
+                Step::Cmd(None) => break,
+                Step::Cmd(Some(c)) => {
+                    self.last_heard = Instant::now();
+                    if let Err(e) = self.handle(c).await {
+                        tracing::error!("invocation {}: {e}", self.id);
+                        break;
+                    }
+                }
+                Step::Confirmed(Ok(tokens)) => {
+                    if let Some(t) = tokens.last() {
+                        self.confirmed = t + 1;
+                    }
+                    self.advance();
+                }
+                Step::Confirmed(Err(e)) => {
+                    tracing::error!("invocation {}: publishing failed: {e}", self.id);
+                    break;
+                }
+                Step::Sync => {
+                    self.sync_spool();
+                    self.send_acks();
+                }
+                Step::Tick if done => break,
+                Step::Tick => {
+                    if self.finished_seq.is_none() && Instant::now() >= deadline {
+                        self.give_up().await;
+                        break;
+                    }
+                }
+            }
+        }
+        if self.done() {
+            if let Some(s) = &self.shared.spool {
+                s.remove(&self.id);
+            }
+        }
+        self.close_out().await;
+        tracing::debug!("invocation {}: task ends: {:?}", self.id, self.stats);
+    }
+
+    /// Closes the broker connection (everything is confirmed once done).
+    async fn close_out(&mut self) {
+        if !matches!(self.out, Out::Broker(_)) {
+            return;
+        }
+        if let Out::Broker(p) = std::mem::replace(&mut self.out, Out::Closed) {
+            if let Err(e) = p.close().await {
+                tracing::warn!("invocation {}: closing the publisher: {e}", self.id);
+            }
+        }
+    }
+
+    fn unconfirmed(&self) -> u64 {
+        self.emitted - self.confirmed
+    }
+
+    /// The stream finished and everything is acknowledgeable.
+    fn done(&self) -> bool {
+        self.finished_seq.is_some_and(|f| self.ackable() >= f) && self.unconfirmed() == 0
+    }
+
+    async fn handle(&mut self, c: Cmd) -> Result<(), BusError> {
+        match c {
+            Cmd::Attach { stream, acks } => {
+                if let Some(old) = self.stream.take() {
+                    let _ = old.acks.send(Err(Status::aborted(
+                        "a newer stream for this invocation replaced this one",
+                    )));
+                }
+                self.stream = Some(Attached {
+                    no: stream,
+                    acks,
+                    stream_id: None,
+                    next_ack: None,
+                    acked_any: false,
+                    sent_max: 0,
+                    half_closed: false,
+                });
+            }
+            Cmd::Event { stream, ev } => {
+                if let Some(st) = self.stream.as_mut().filter(|s| s.no == stream) {
+                    let seq = ev.sequence_number;
+                    if st.stream_id.is_none() {
+                        st.stream_id = ev.stream_id.clone();
+                    }
+                    // Acks start at the lowest number the stream sent before the first
+                    // ack went out (a stream may open out of order).
+                    st.next_ack = match st.next_ack {
+                        None => Some(seq),
+                        Some(n) if !st.acked_any => Some(n.min(seq)),
+                        n => n,
+                    };
+                    st.sent_max = st.sent_max.max(seq);
+                }
+                // Events of a stream that was replaced still count; only acks differ.
+                self.accept(*ev).await?;
+            }
+            Cmd::HalfClose { stream } => {
+                if let Some(st) = self.stream.as_mut().filter(|s| s.no == stream) {
+                    st.half_closed = true;
+                }
+            }
+            Cmd::Gone { stream } => {
+                if self.stream.as_ref().is_some_and(|s| s.no == stream) {
+                    self.stream = None;
+                }
+            }
+            Cmd::Fact { key, value } => self.translator.set_metadata(&key, &value),
+            Cmd::AttemptFinished { result } => {
+                self.translator.set_metadata("bes.attempt_result", &result);
+                if self.finished_seq.is_none() {
+                    // Bazel gave up on the stream (or uploads asynchronously) and says
+                    // the attempt is over: the build will not get more events.
+                    self.end_incomplete(&format!(
+                        "incomplete: Bazel reported the attempt finished ({result}) before its \
+                         event stream was complete"
+                    ))
+                    .await?;
+                }
+            }
+        }
+        self.advance();
+        Ok(())
+    }
+
+    /// Takes one request: translates it (and any buffered successors) in order.
+    async fn accept(&mut self, ev: OrderedBuildEvent) -> Result<(), BusError> {
+        let seq = ev.sequence_number;
+        if seq < self.next_seq {
+            self.stats.repeats += 1;
+            return Ok(());
+        }
+        if seq > self.next_seq {
+            if self.early.contains_key(&seq) {
+                self.stats.repeats += 1;
+            } else if self.early.len() >= MAX_EARLY {
+                self.fail_stream(Status::resource_exhausted(format!(
+                    "invocation {}: {} events wait for sequence number {}; refusing more",
+                    self.id,
+                    self.early.len(),
+                    self.next_seq
+                )));
+            } else {
+                self.stats.reordered += 1;
+                self.early.insert(seq, ev);
+            }
+            return Ok(());
+        }
+        let mut out = Vec::new();
+        self.translate_one(ev, &mut out);
+        while let Some(next) = self.early.remove(&self.next_seq) {
+            self.translate_one(next, &mut out);
+        }
+        self.publish(out).await
+    }
+
+    fn translate_one(&mut self, ev: OrderedBuildEvent, out: &mut Vec<Envelope>) {
+        let seq = ev.sequence_number;
+        self.next_seq = seq + 1;
+        self.stats.events += 1;
+        match ev.event.and_then(|e| e.event) {
+            Some(BesEvent::BazelEvent(any)) => {
+                if any.type_url != BAZEL_EVENT_TYPE {
+                    self.stats.bad_events += 1;
+                    tracing::warn!(
+                        "invocation {} sequence number {seq}: skipped a bazel_event of type {:?} \
+                         (expected {BAZEL_EVENT_TYPE})",
+                        self.id,
+                        any.type_url
+                    );
+                } else {
+                    let bytes = any.value;
+                    if let Some(spool) = self.spool.as_mut() {
+                        let rec = Record {
+                            seq,
+                            event: bytes.clone(),
+                        };
+                        if let Err(e) = spool.append(&rec) {
+                            tracing::error!("invocation {}: spool write failed: {e}", self.id);
+                            self.spool = None;
+                        }
+                    }
+                    self.translate_bazel(seq, &bytes, &mut |env| out.push(env));
+                }
+            }
+            Some(BesEvent::ComponentStreamFinished(_)) => {
+                self.translator.finish(&mut |env| out.push(env));
+                self.finished_seq = Some(seq);
+            }
+            // Console output and lifecycle-type events on the stream carry nothing
+            // the translator reads.
+            _ => {}
+        }
+        if !self.translator.holding() {
+            self.marks.push_back((seq, self.emitted + out.len() as u64));
+        }
+    }
+
+    fn translate_bazel(&mut self, seq: i64, bytes: &[u8], out: &mut dyn FnMut(Envelope)) {
+        match crate::decode::bep::codec::decode_binary(bytes, &self.needs) {
+            Ok(ev) => self.translator.event(ev, out),
+            Err(e) => {
+                self.stats.bad_events += 1;
+                tracing::error!(
+                    "invocation {} sequence number {seq}: undecodable build_event_stream.BuildEvent \
+                     ({} bytes): {e}; skipped",
+                    self.id,
+                    bytes.len()
+                );
+            }
+        }
+    }
+
+    async fn publish(&mut self, messages: Vec<Envelope>) -> Result<(), BusError> {
+        let mut extra = Vec::new();
+        if let Some(hook) = &self.shared.on_finished {
+            for m in messages.iter().filter(|m| is_finished_build(m)) {
+                // The hook scans the build directory (blocking file I/O and hashing).
+                let (hook, finished) = (Arc::clone(hook), m.clone());
+                match tokio::task::spawn_blocking(move || hook(&finished)).await {
+                    Ok(more) => extra.extend(more),
+                    Err(e) => {
+                        tracing::error!("invocation {}: the artifact scan failed: {e}", self.id)
+                    }
+                }
+            }
+        }
+        for env in messages.into_iter().chain(extra) {
+            let token = self.emitted;
+            self.emitted += 1;
+            self.stats.messages += 1;
+            match &mut self.out {
+                Out::Broker(p) => {
+                    let done = p.publish(Outgoing::from_envelope(&env), token).await?;
+                    if let Some(t) = done.last() {
+                        self.confirmed = t + 1;
+                    }
+                }
+                Out::Closed => {
+                    tracing::warn!(
+                        "invocation {}: a message after the stream finished was dropped: {}",
+                        self.id,
+                        env.meta.routing_key
+                    );
+                    self.confirmed = self.emitted;
+                }
+                Out::Print => {
+                    let mut w = std::io::stdout().lock();
+                    let _ = w.write_all(&env.to_json()).and_then(|_| w.write_all(b"\n"));
+                    let _ = w.flush();
+                    self.confirmed = self.emitted;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the durable point as far as confirms allow and sends the acks it frees.
+    fn advance(&mut self) {
+        let before = self.durable;
+        while let Some(&(seq, count)) = self.marks.front() {
+            if count > self.confirmed {
+                break;
+            }
+            self.durable = self.durable.max(seq);
+            self.marks.pop_front();
+        }
+        if self.durable > before && self.spool.is_some() {
+            // Group commit: sync now if the last sync is old enough, else soon.
+            if self.last_sync.elapsed() >= SYNC_EVERY {
+                self.sync_spool();
+            } else if self.sync_due.is_none() {
+                self.sync_due = Some(self.last_sync + SYNC_EVERY);
+            }
+        }
+        self.send_acks();
+    }
+
+    /// Makes the spool durable up to `durable`, so acks may go that far.
+    fn sync_spool(&mut self) {
+        self.sync_due = None;
+        self.last_sync = Instant::now();
+        if let Some(spool) = self.spool.as_mut() {
+            if let Err(e) = spool.sync() {
+                // Acks still need the broker's confirms; only a restart's context is
+                // at stake. Go on without the spool rather than stall the build.
+                tracing::error!("invocation {}: spool sync failed: {e}; spool off", self.id);
+                self.spool = None;
+            }
+        }
+        self.synced = self.durable;
+    }
+
+    /// Acks may go up to here: confirmed, and (with a spool) synced.
+    fn ackable(&self) -> i64 {
+        if self.spool.is_some() {
+            self.durable.min(self.synced)
+        } else {
+            self.durable
+        }
+    }
+
+    fn send_acks(&mut self) {
+        let durable = self.ackable();
+        let gap = self.early.keys().next().copied();
+        let next_seq = self.next_seq;
+        let Some(st) = self.stream.as_mut() else {
+            return;
+        };
+        let mut sent = 0;
+        if let Some(mut n) = st.next_ack {
+            while n <= durable && n <= st.sent_max {
+                let ack = PublishBuildToolEventStreamResponse {
+                    stream_id: st.stream_id.clone(),
+                    sequence_number: n,
+                };
+                if st.acks.send(Ok(ack)).is_err() {
+                    self.stream = None;
+                    return;
+                }
+                sent += 1;
+                n += 1;
+                st.acked_any = true;
+            }
+            st.next_ack = Some(n);
+        }
+        self.stats.acks += sent;
+        let all_acked = st.next_ack.is_none_or(|n| n > st.sent_max);
+        if st.half_closed && all_acked {
+            // Dropping the sender ends the RPC with OK.
+            self.stream = None;
+        } else if st.half_closed && gap.is_some() && durable + 1 >= next_seq {
+            let msg = format!(
+                "invocation {}: the stream ended but sequence number {} never arrived \
+                 ({} later events wait for it)",
+                self.id,
+                next_seq,
+                self.early.len()
+            );
+            let _ = st.acks.send(Err(Status::failed_precondition(msg)));
+            self.stream = None;
+        }
+    }
+
+    fn fail_stream(&mut self, status: Status) {
+        tracing::warn!("invocation {}: {}", self.id, status.message());
+        if let Some(st) = self.stream.take() {
+            let _ = st.acks.send(Err(status));
+        }
+    }
+
+    async fn end_incomplete(&mut self, reason: &str) -> Result<(), BusError> {
+        let mut out = Vec::new();
+        self.translator.abandon(reason, &mut |env| out.push(env));
+        self.publish(out).await?;
+        if !self.translator.holding() {
+            self.marks.push_back((self.next_seq - 1, self.emitted));
+        }
+        // Nothing more will be translated: this invocation is over once confirmed.
+        self.finished_seq = Some(self.next_seq - 1);
+        Ok(())
+    }
+
+    /// The idle timeout expired before the stream finished.
+    async fn give_up(&mut self) {
+        let reason = format!(
+            "incomplete: the BES stream went silent for {} s after sequence number {}",
+            self.shared.idle_timeout.as_secs(),
+            self.next_seq - 1
+        );
+        tracing::warn!("invocation {}: {reason}", self.id);
+        if let Err(e) = self.end_incomplete(&reason).await {
+            tracing::error!("invocation {}: {e}", self.id);
+            return;
+        }
+        if let Out::Broker(p) = &mut self.out {
+            match p.flush().await {
+                Ok(tokens) => {
+                    if let Some(t) = tokens.last() {
+                        self.confirmed = t + 1;
+                    }
+                }
+                Err(e) => tracing::error!("invocation {}: {e}", self.id),
+            }
+        }
+        self.advance();
+        self.sync_spool();
+        self.send_acks();
+    }
+}
+
+fn is_finished_build(env: &Envelope) -> bool {
+    matches!(&env.payload, crate::model::Payload::Build(b) if b.state == crate::model::BuildState::Finished)
+}
+
+async fn confirmed(out: &mut Out) -> Result<Vec<u64>, BusError> {
+    match out {
+        Out::Broker(p) => p.confirmed().await,
+        Out::Print | Out::Closed => std::future::pending().await,
+    }
+}
+
+/// Spool syncs are at most this often (acks wait for the next one).
+pub const SYNC_EVERY: Duration = Duration::from_millis(10);
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How long a finished invocation's task stays to acknowledge late repeats.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(30);
