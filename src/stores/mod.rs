@@ -11,10 +11,13 @@
 //!   or after the one it holds, so whatever order messages arrive in, every row ends as
 //!   the greatest of its messages.
 //!
-//! The back ends ([`sqlite`], [`postgres`]) own their SQL (schemas in `schemas/sql/`),
-//! connections and transactions.
+//! The back ends ([`sqlite`], [`postgres`]) own their connections, transactions, schemas
+//! (`schemas/sql/`) and write SQL. Reading back is shared: `rows.rs` holds the SELECTs of
+//! [`Store::query_builds`] and [`Store::query_build`] and the mapping of a result row to
+//! each row type, and a back end only runs the SQL it is given.
 
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, HashSet};
@@ -827,44 +830,6 @@ pub(crate) fn json_text<T: Serialize>(v: &T) -> String {
     // Plain lists and maps with string keys always serialize.
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
 }
-
-/// Reads a JSON column back, naming the row and column when it does not parse.
-pub(crate) fn from_json_col<T: serde::de::DeserializeOwned>(
-    store: &str,
-    table: &'static str,
-    key: &str,
-    column: &'static str,
-    text: &str,
-) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
-        store: store.to_string(),
-        table,
-        key: key.to_string(),
-        column,
-        reason: e.to_string(),
-    })
-}
-
-/// The JSON columns of a build row, parsed: `tags`, `targets`, `counts`, `metadata`
-/// (as both stores read them back).
-pub(crate) type BuildJson = (Vec<String>, Vec<String>, Counts, BTreeMap<String, String>);
-
-/// Parses the JSON columns of build `build_id`, naming the column that does not parse.
-pub(crate) fn build_json_cols(
-    store: &str,
-    build_id: &str,
-    [tags, targets, counts, metadata]: [&str; 4],
-) -> Result<BuildJson, StoreError> {
-    Ok((
-        from_json_col(store, "builds", build_id, "tags", tags)?,
-        from_json_col(store, "builds", build_id, "targets", targets)?,
-        from_json_col(store, "builds", build_id, "counts", counts)?,
-        from_json_col(store, "builds", build_id, "metadata", metadata)?,
-    ))
-}
-
-/// Outcomes that [`BuildDetail::failed_tasks`] lists.
-pub(crate) const FAILED_OUTCOMES: [&str; 2] = ["failed", "not_executed"];
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,8 @@
 //!
 //! This file owns the PostgreSQL connection, the schema creation and migration
 //! (`schemas/sql/postgres.sql`, under an advisory lock so that processes starting
-//! together do not race), the write path and the queries:
+//! together do not race), the write path, and running the shared queries of `rows.rs`
+//! (PostgreSQL's rows read through its `DbRow`, timestamptz as RFC 3339 text):
 //! - a batch is six statements whatever its size: one multi-row
 //!   `INSERT ... SELECT FROM unnest($1::text[], ...) ON CONFLICT DO NOTHING RETURNING`
 //!   into `messages` (which tells the new messages), then one multi-row upsert per kind;
@@ -17,18 +18,18 @@
 //! The `postgres` crate runs a small tokio runtime of its own: call this store from a
 //! plain thread, never from inside a tokio runtime.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use postgres::error::SqlState;
-use postgres::types::ToSql;
+use postgres::types::{FromSql, ToSql};
 use postgres::{Client, Config, NoTls, Row, Statement};
 
+use super::rows::{self, DbRow, Dialect, Query};
 use super::{
-    build_json_cols, from_json_col, latest_per_row, prepare, row_values, time_text, ArtifactRow,
-    BuildDetail, BuildFilter, BuildRow, ColType, LogRow, Msg, Store, StoreError, Table,
-    TableCounts, TaskRow, TestRow, Val, WriteStats, FAILED_OUTCOMES, SCHEMA_VERSION, TABLES,
+    latest_per_row, prepare, row_values, time_text, BuildDetail, BuildFilter, BuildRow, ColType,
+    Msg, Store, StoreError, Table, TableCounts, Val, WriteStats, SCHEMA_VERSION, TABLES,
 };
 use crate::model::Envelope;
 
@@ -428,59 +429,6 @@ fn redact(url: &str) -> String {
     }
 }
 
-fn time_col(r: &Row, i: usize) -> Result<Option<String>, postgres::Error> {
-    Ok(r.try_get::<_, Option<DateTime<Utc>>>(i)?
-        .map(|t| time_text(&t)))
-}
-
-const BUILD_SELECT: &str = "SELECT build_id, system, state, result, tree, platform, buildtype, \
-     product, revision, branch, tags::text, targets::text, command, started_at, finished_at, \
-     duration_ms, exit_code, builder_host, builder_user, counts::text, tool_version, failure, \
-     metadata::text, \"timestamp\", entity_id, message_id FROM builds";
-
-fn build_row(store: &str, r: &Row) -> Result<Result<BuildRow, StoreError>, postgres::Error> {
-    let build_id: String = r.try_get(0)?;
-    let cols: [String; 4] = [
-        r.try_get(10)?,
-        r.try_get(11)?,
-        r.try_get(19)?,
-        r.try_get(22)?,
-    ];
-    let parsed = build_json_cols(store, &build_id, cols.each_ref().map(String::as_str));
-    let (tags, targets, counts, metadata) = match parsed {
-        Ok(v) => v,
-        Err(e) => return Ok(Err(e)),
-    };
-    Ok(Ok(BuildRow {
-        system: r.try_get(1)?,
-        state: r.try_get(2)?,
-        result: r.try_get(3)?,
-        tree: r.try_get(4)?,
-        platform: r.try_get(5)?,
-        buildtype: r.try_get(6)?,
-        product: r.try_get(7)?,
-        revision: r.try_get(8)?,
-        branch: r.try_get(9)?,
-        tags,
-        targets,
-        command: r.try_get(12)?,
-        started_at: time_col(r, 13)?,
-        finished_at: time_col(r, 14)?,
-        duration_ms: r.try_get(15)?,
-        exit_code: r.try_get(16)?,
-        builder_host: r.try_get(17)?,
-        builder_user: r.try_get(18)?,
-        counts,
-        tool_version: r.try_get(20)?,
-        failure: r.try_get(21)?,
-        metadata,
-        timestamp: time_col(r, 23)?,
-        entity_id: r.try_get(24)?,
-        message_id: r.try_get(25)?,
-        build_id,
-    }))
-}
-
 impl Store for PostgresStore {
     fn write_batch(&mut self, batch: &[Envelope]) -> Result<WriteStats, StoreError> {
         let prepared = prepare(&self.name, batch)?;
@@ -534,225 +482,11 @@ impl Store for PostgresStore {
     }
 
     fn query_builds(&mut self, f: &BuildFilter) -> Result<Vec<BuildRow>, StoreError> {
-        let mut sql = String::from(BUILD_SELECT);
-        let mut texts: Vec<&str> = Vec::new();
-        let mut clauses: Vec<String> = Vec::new();
-        let mut n = 0;
-        for (col, v) in [
-            ("tree", &f.tree),
-            ("platform", &f.platform),
-            ("buildtype", &f.buildtype),
-            ("result", &f.result),
-        ] {
-            if let Some(v) = v {
-                texts.push(v);
-                n += 1;
-                clauses.push(format!("{col} = ${n}"));
-            }
-        }
-        let mut params: Vec<&(dyn ToSql + Sync)> =
-            texts.iter().map(|t| t as &(dyn ToSql + Sync)).collect();
-        if let Some(since) = &f.since {
-            n += 1;
-            clauses.push(format!("started_at >= ${n}"));
-            params.push(since);
-        }
-        if !clauses.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&clauses.join(" AND "));
-        }
-        sql.push_str(" ORDER BY started_at DESC NULLS LAST, build_id");
-        let limit = f.limit.map(i64::from);
-        if let Some(limit) = &limit {
-            n += 1;
-            sql.push_str(&format!(" LIMIT ${n}"));
-            params.push(limit);
-        }
-        let rows = self
-            .conn
-            .client
-            .query(&sql, &params)
-            .map_err(self.err("query builds"))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            out.push(build_row(&self.name, r).map_err(self.err("query builds"))??);
-        }
-        Ok(out)
+        rows::query_builds(self, f)
     }
 
     fn query_build(&mut self, build_id: &str) -> Result<Option<BuildDetail>, StoreError> {
-        let name = self.name.clone();
-        let fail = |action: &'static str| {
-            let name = name.clone();
-            move |e: postgres::Error| db_error(&name, action, &e)
-        };
-        let client = &mut self.conn.client;
-        let build = match client
-            .query_opt(&format!("{BUILD_SELECT} WHERE build_id = $1"), &[&build_id])
-            .map_err(fail("query build"))?
-        {
-            Some(r) => Some(build_row(&name, &r).map_err(fail("query build"))??),
-            None => None,
-        };
-
-        let mut task_counts = BTreeMap::new();
-        for r in client
-            .query(
-                "SELECT outcome, count(*) FROM tasks WHERE build_id = $1 GROUP BY outcome",
-                &[&build_id],
-            )
-            .map_err(fail("count tasks"))?
-        {
-            let outcome: String = r.try_get(0).map_err(fail("count tasks"))?;
-            let n: i64 = r.try_get(1).map_err(fail("count tasks"))?;
-            task_counts.insert(outcome, n as u64);
-        }
-
-        let sql = format!(
-            "SELECT entity_id, build_id, target, task, outcome, sstate_result, started_at, \
-             finished_at, elapsed_ms, exit_code, logfile, target_kind, failure, \"timestamp\", \
-             message_id FROM tasks WHERE build_id = $1 AND outcome IN ('{}') \
-             ORDER BY target COLLATE \"C\", task COLLATE \"C\", entity_id COLLATE \"C\"",
-            FAILED_OUTCOMES.join("', '")
-        );
-        let mut failed_tasks = Vec::new();
-        for r in client
-            .query(&sql, &[&build_id])
-            .map_err(fail("query failed tasks"))?
-        {
-            let row = (|| {
-                Ok::<_, postgres::Error>(TaskRow {
-                    entity_id: r.try_get(0)?,
-                    build_id: r.try_get(1)?,
-                    target: r.try_get(2)?,
-                    task: r.try_get(3)?,
-                    outcome: r.try_get(4)?,
-                    sstate_result: r.try_get(5)?,
-                    started_at: time_col(&r, 6)?,
-                    finished_at: time_col(&r, 7)?,
-                    elapsed_ms: r.try_get(8)?,
-                    exit_code: r.try_get(9)?,
-                    logfile: r.try_get(10)?,
-                    target_kind: r.try_get(11)?,
-                    failure: r.try_get(12)?,
-                    timestamp: time_col(&r, 13)?,
-                    message_id: r.try_get(14)?,
-                })
-            })()
-            .map_err(fail("query failed tasks"))?;
-            failed_tasks.push(row);
-        }
-
-        let mut tests = Vec::new();
-        for r in client
-            .query(
-                "SELECT entity_id, build_id, test, scope, status, attempt, shard, run, \
-                 total_attempts, total_shards, duration_ms, cached, logurl, strategy, \
-                 \"timestamp\", message_id FROM tests WHERE build_id = $1 \
-                 ORDER BY test COLLATE \"C\", scope <> 'summary', run, shard, attempt, \
-                 entity_id COLLATE \"C\"",
-                &[&build_id],
-            )
-            .map_err(fail("query tests"))?
-        {
-            let row = (|| {
-                Ok::<_, postgres::Error>(TestRow {
-                    entity_id: r.try_get(0)?,
-                    build_id: r.try_get(1)?,
-                    test: r.try_get(2)?,
-                    scope: r.try_get(3)?,
-                    status: r.try_get(4)?,
-                    attempt: r.try_get(5)?,
-                    shard: r.try_get(6)?,
-                    run: r.try_get(7)?,
-                    total_attempts: r.try_get(8)?,
-                    total_shards: r.try_get(9)?,
-                    duration_ms: r.try_get(10)?,
-                    cached: r.try_get(11)?,
-                    logurl: r.try_get(12)?,
-                    strategy: r.try_get(13)?,
-                    timestamp: time_col(&r, 14)?,
-                    message_id: r.try_get(15)?,
-                })
-            })()
-            .map_err(fail("query tests"))?;
-            tests.push(row);
-        }
-
-        let mut artifacts = Vec::new();
-        for r in client
-            .query(
-                "SELECT entity_id, build_id, path, uri, kind, size, sha256, target, \
-                 fields::text, \"timestamp\", message_id, mtime, symlink_target \
-                 FROM artifacts WHERE build_id = $1 \
-                 ORDER BY path COLLATE \"C\", entity_id COLLATE \"C\"",
-                &[&build_id],
-            )
-            .map_err(fail("query artifacts"))?
-        {
-            let (row, fields) = (|| {
-                let fields: String = r.try_get(8)?;
-                Ok::<_, postgres::Error>((
-                    ArtifactRow {
-                        entity_id: r.try_get(0)?,
-                        build_id: r.try_get(1)?,
-                        path: r.try_get(2)?,
-                        uri: r.try_get(3)?,
-                        kind: r.try_get(4)?,
-                        size: r.try_get(5)?,
-                        sha256: r.try_get(6)?,
-                        target: r.try_get(7)?,
-                        fields: BTreeMap::new(),
-                        mtime: time_col(&r, 11)?,
-                        symlink_target: r.try_get(12)?,
-                        timestamp: time_col(&r, 9)?,
-                        message_id: r.try_get(10)?,
-                    },
-                    fields,
-                ))
-            })()
-            .map_err(fail("query artifacts"))?;
-            let fields = from_json_col(&name, "artifacts", &row.entity_id, "fields", &fields)?;
-            artifacts.push(ArtifactRow { fields, ..row });
-        }
-
-        let mut logs = Vec::new();
-        for r in client
-            .query(
-                "SELECT entity_id, build_id, level, message, target, task, \"timestamp\", \
-                 message_id FROM logs WHERE build_id = $1 \
-                 ORDER BY \"timestamp\", level COLLATE \"C\", message COLLATE \"C\", \
-                 entity_id COLLATE \"C\"",
-                &[&build_id],
-            )
-            .map_err(fail("query logs"))?
-        {
-            let row = (|| {
-                Ok::<_, postgres::Error>(LogRow {
-                    entity_id: r.try_get(0)?,
-                    build_id: r.try_get(1)?,
-                    level: r.try_get(2)?,
-                    message: r.try_get(3)?,
-                    target: r.try_get(4)?,
-                    task: r.try_get(5)?,
-                    timestamp: time_col(&r, 6)?,
-                    message_id: r.try_get(7)?,
-                })
-            })()
-            .map_err(fail("query logs"))?;
-            logs.push(row);
-        }
-
-        Ok(BuildDetail {
-            build_id: build_id.to_string(),
-            build,
-            task_counts,
-            failed_tasks,
-            tests,
-            artifacts,
-            logs,
-        }
-        .unless_empty())
+        rows::query_build(self, build_id)
     }
 
     fn counts(&mut self) -> Result<TableCounts, StoreError> {
@@ -778,6 +512,93 @@ impl Store for PostgresStore {
             })
         })()
         .map_err(self.err("count rows"))
+    }
+}
+
+impl Query for PostgresStore {
+    fn store_name(&self) -> &str {
+        &self.name
+    }
+
+    fn dialect(&self) -> &'static Dialect {
+        &Dialect::POSTGRES
+    }
+
+    /// Fetches every row before the first is handed over.
+    fn each_row(
+        &mut self,
+        action: &str,
+        sql: &str,
+        params: &[Val<'_>],
+        each: &mut dyn FnMut(&dyn DbRow) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(scalar).collect();
+        let rows = self
+            .conn
+            .client
+            .query(sql, &params)
+            .map_err(|e| db_error(&self.name, action, &e))?;
+        for row in &rows {
+            each(&PgRow {
+                row,
+                store: &self.name,
+                action,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// One value as a statement parameter.
+fn scalar<'v>(v: &'v Val<'_>) -> &'v (dyn ToSql + Sync) {
+    match v {
+        Val::Text(v) => v,
+        Val::Json(v) => v,
+        Val::Int(v) => v,
+        Val::Time(v) => v,
+        Val::Bool(v) => v,
+    }
+}
+
+/// A result row, with what its read errors name.
+struct PgRow<'r> {
+    row: &'r Row,
+    store: &'r str,
+    action: &'r str,
+}
+
+impl PgRow<'_> {
+    fn get<'a, T: FromSql<'a>>(&'a self, i: usize) -> Result<T, StoreError> {
+        self.row
+            .try_get(i)
+            .map_err(|e| db_error(self.store, self.action, &e))
+    }
+}
+
+impl DbRow for PgRow<'_> {
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        self.get(i)
+    }
+
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        self.get(i)
+    }
+
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        self.get(i)
+    }
+
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        self.get(i)
+    }
+
+    fn opt_bool(&self, i: usize) -> Result<Option<bool>, StoreError> {
+        self.get(i)
+    }
+
+    /// A timestamptz, as text.
+    fn opt_time(&self, i: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.get::<Option<DateTime<Utc>>>(i)?.map(|t| time_text(&t)))
     }
 }
 

@@ -2,26 +2,27 @@
 //! (each with its own [`SqliteStore`]); SQLite lets one writer in at a time.
 //!
 //! This file owns the SQLite connection settings, the schema creation and migration
-//! (`schemas/sql/sqlite.sql`), the write path and the queries:
+//! (`schemas/sql/sqlite.sql`), the write path, and running the shared queries of
+//! `rows.rs` (SQLite's rows read through its `DbRow`):
 //! - WAL journal; `synchronous=FULL` by default, so that a committed batch (after which
 //!   the consumer acknowledges its messages) survives a process kill and a power loss
 //!   (`NORMAL`, via `?synchronous=normal`, survives a process kill only);
 //! - a busy timeout (default 30 s) for the other writers' transactions, and
 //!   `BEGIN IMMEDIATE` so a writer waits for the lock up front instead of failing on
 //!   a read-to-write upgrade;
-//! - cached prepared statements, one row per `execute` (SQLite runs in-process: there is
-//!   no round trip to save).
+//! - cached prepared statements, for writes and queries alike; one row per `execute`
+//!   (SQLite runs in-process: there is no round trip to save).
 
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::types::{ToSqlOutput, Value, ValueRef};
-use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::types::{FromSql, ToSqlOutput, Value, ValueRef};
+use rusqlite::{Connection, ErrorCode, Row, TransactionBehavior};
 
+use super::rows::{self, DbRow, Dialect, Query};
 use super::{
-    build_json_cols, from_json_col, latest_per_row, prepare, row_values, time_text, ArtifactRow,
-    BuildDetail, BuildFilter, BuildRow, LogRow, Msg, Store, StoreError, Table, TableCounts,
-    TaskRow, TestRow, Val, WriteStats, FAILED_OUTCOMES, SCHEMA_VERSION, TABLES,
+    latest_per_row, prepare, row_values, time_text, BuildDetail, BuildFilter, BuildRow, Msg, Store,
+    StoreError, Table, TableCounts, Val, WriteStats, SCHEMA_VERSION, TABLES,
 };
 use crate::model::Envelope;
 
@@ -236,49 +237,6 @@ fn sql_value<'m>(v: &Val<'m>) -> ToSqlOutput<'m> {
     }
 }
 
-const BUILD_SELECT: &str = "SELECT build_id, system, state, result, tree, platform, buildtype, \
-     product, revision, branch, tags, targets, command, started_at, finished_at, duration_ms, \
-     exit_code, builder_host, builder_user, counts, tool_version, failure, metadata, \
-     \"timestamp\", entity_id, message_id FROM builds";
-
-fn build_row(store: &str, r: &Row<'_>) -> rusqlite::Result<Result<BuildRow, StoreError>> {
-    let build_id: String = r.get(0)?;
-    let cols: [String; 4] = [r.get(10)?, r.get(11)?, r.get(19)?, r.get(22)?];
-    let parsed = build_json_cols(store, &build_id, cols.each_ref().map(String::as_str));
-    let (tags, targets, counts, metadata) = match parsed {
-        Ok(v) => v,
-        Err(e) => return Ok(Err(e)),
-    };
-    Ok(Ok(BuildRow {
-        system: r.get(1)?,
-        state: r.get(2)?,
-        result: r.get(3)?,
-        tree: r.get(4)?,
-        platform: r.get(5)?,
-        buildtype: r.get(6)?,
-        product: r.get(7)?,
-        revision: r.get(8)?,
-        branch: r.get(9)?,
-        tags,
-        targets,
-        command: r.get(12)?,
-        started_at: r.get(13)?,
-        finished_at: r.get(14)?,
-        duration_ms: r.get(15)?,
-        exit_code: r.get(16)?,
-        builder_host: r.get(17)?,
-        builder_user: r.get(18)?,
-        counts,
-        tool_version: r.get(20)?,
-        failure: r.get(21)?,
-        metadata,
-        timestamp: r.get(23)?,
-        entity_id: r.get(24)?,
-        message_id: r.get(25)?,
-        build_id,
-    }))
-}
-
 impl Store for SqliteStore {
     fn write_batch(&mut self, batch: &[Envelope]) -> Result<WriteStats, StoreError> {
         let prepared = prepare(&self.name, batch)?;
@@ -349,199 +307,11 @@ impl Store for SqliteStore {
     }
 
     fn query_builds(&mut self, f: &BuildFilter) -> Result<Vec<BuildRow>, StoreError> {
-        let mut sql = String::from(BUILD_SELECT);
-        let mut params: Vec<Value> = Vec::new();
-        let mut clauses: Vec<String> = Vec::new();
-        for (col, v) in [
-            ("tree", &f.tree),
-            ("platform", &f.platform),
-            ("buildtype", &f.buildtype),
-            ("result", &f.result),
-        ] {
-            if let Some(v) = v {
-                params.push(Value::Text(v.clone()));
-                clauses.push(format!("{col} = ?{}", params.len()));
-            }
-        }
-        if let Some(since) = &f.since {
-            params.push(Value::Text(time_text(since)));
-            clauses.push(format!("started_at >= ?{}", params.len()));
-        }
-        if !clauses.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&clauses.join(" AND "));
-        }
-        sql.push_str(" ORDER BY started_at DESC, build_id");
-        if let Some(limit) = f.limit {
-            params.push(Value::Integer(i64::from(limit)));
-            sql.push_str(&format!(" LIMIT ?{}", params.len()));
-        }
-        let fail = self.err("query builds");
-        let mut st = self.conn.prepare_cached(&sql).map_err(&fail)?;
-        let rows = st
-            .query_map(rusqlite::params_from_iter(params.iter()), |r| {
-                build_row(&self.name, r)
-            })
-            .map_err(&fail)?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row.map_err(&fail)??);
-        }
-        Ok(out)
+        rows::query_builds(self, f)
     }
 
     fn query_build(&mut self, build_id: &str) -> Result<Option<BuildDetail>, StoreError> {
-        let name = self.name.as_str();
-        let fail = |action: &'static str| move |e| db_error(name, action, e);
-        let conn = &self.conn;
-        let build = conn
-            .prepare_cached(&format!("{BUILD_SELECT} WHERE build_id = ?1"))
-            .and_then(|mut st| st.query_row([build_id], |r| build_row(name, r)).optional())
-            .map_err(fail("query build"))?
-            .transpose()?;
-
-        let mut task_counts = std::collections::BTreeMap::new();
-        {
-            let mut st = conn
-                .prepare_cached(
-                    "SELECT outcome, count(*) FROM tasks WHERE build_id = ?1 GROUP BY outcome",
-                )
-                .map_err(fail("count tasks"))?;
-            let rows = st
-                .query_map([build_id], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-                })
-                .map_err(fail("count tasks"))?;
-            for row in rows {
-                let (outcome, n) = row.map_err(fail("count tasks"))?;
-                task_counts.insert(outcome, n as u64);
-            }
-        }
-
-        let failed_tasks = collect(
-            conn,
-            &format!(
-                "SELECT entity_id, build_id, target, task, outcome, sstate_result, started_at, \
-                 finished_at, elapsed_ms, exit_code, logfile, target_kind, failure, \"timestamp\", \
-                 message_id FROM tasks WHERE build_id = ?1 AND outcome IN ('{}') \
-                 ORDER BY target, task, entity_id",
-                FAILED_OUTCOMES.join("', '")
-            ),
-            build_id,
-            |r| {
-                Ok(Ok(TaskRow {
-                    entity_id: r.get(0)?,
-                    build_id: r.get(1)?,
-                    target: r.get(2)?,
-                    task: r.get(3)?,
-                    outcome: r.get(4)?,
-                    sstate_result: r.get(5)?,
-                    started_at: r.get(6)?,
-                    finished_at: r.get(7)?,
-                    elapsed_ms: r.get(8)?,
-                    exit_code: r.get(9)?,
-                    logfile: r.get(10)?,
-                    target_kind: r.get(11)?,
-                    failure: r.get(12)?,
-                    timestamp: r.get(13)?,
-                    message_id: r.get(14)?,
-                }))
-            },
-        )
-        .map_err(fail("query failed tasks"))??;
-
-        let tests = collect(
-            conn,
-            "SELECT entity_id, build_id, test, scope, status, attempt, shard, run, \
-             total_attempts, total_shards, duration_ms, cached, logurl, strategy, \"timestamp\", \
-             message_id FROM tests WHERE build_id = ?1 \
-             ORDER BY test, scope <> 'summary', run, shard, attempt, entity_id",
-            build_id,
-            |r| {
-                Ok(Ok(TestRow {
-                    entity_id: r.get(0)?,
-                    build_id: r.get(1)?,
-                    test: r.get(2)?,
-                    scope: r.get(3)?,
-                    status: r.get(4)?,
-                    attempt: r.get(5)?,
-                    shard: r.get(6)?,
-                    run: r.get(7)?,
-                    total_attempts: r.get(8)?,
-                    total_shards: r.get(9)?,
-                    duration_ms: r.get(10)?,
-                    cached: r.get(11)?,
-                    logurl: r.get(12)?,
-                    strategy: r.get(13)?,
-                    timestamp: r.get(14)?,
-                    message_id: r.get(15)?,
-                }))
-            },
-        )
-        .map_err(fail("query tests"))??;
-
-        let artifacts = collect(
-            conn,
-            "SELECT entity_id, build_id, path, uri, kind, size, sha256, target, fields, \
-             \"timestamp\", message_id, mtime, symlink_target FROM artifacts WHERE build_id = ?1 \
-             ORDER BY path, entity_id",
-            build_id,
-            |r| {
-                let entity_id: String = r.get(0)?;
-                let fields: String = r.get(8)?;
-                let fields = match from_json_col(name, "artifacts", &entity_id, "fields", &fields) {
-                    Ok(f) => f,
-                    Err(e) => return Ok(Err(e)),
-                };
-                Ok(Ok(ArtifactRow {
-                    entity_id,
-                    build_id: r.get(1)?,
-                    path: r.get(2)?,
-                    uri: r.get(3)?,
-                    kind: r.get(4)?,
-                    size: r.get(5)?,
-                    sha256: r.get(6)?,
-                    target: r.get(7)?,
-                    fields,
-                    mtime: r.get(11)?,
-                    symlink_target: r.get(12)?,
-                    timestamp: r.get(9)?,
-                    message_id: r.get(10)?,
-                }))
-            },
-        )
-        .map_err(fail("query artifacts"))??;
-
-        let logs = collect(
-            conn,
-            "SELECT entity_id, build_id, level, message, target, task, \"timestamp\", message_id \
-             FROM logs WHERE build_id = ?1 ORDER BY \"timestamp\", level, message, entity_id",
-            build_id,
-            |r| {
-                Ok(Ok(LogRow {
-                    entity_id: r.get(0)?,
-                    build_id: r.get(1)?,
-                    level: r.get(2)?,
-                    message: r.get(3)?,
-                    target: r.get(4)?,
-                    task: r.get(5)?,
-                    timestamp: r.get(6)?,
-                    message_id: r.get(7)?,
-                }))
-            },
-        )
-        .map_err(fail("query logs"))??;
-
-        Ok(BuildDetail {
-            build_id: build_id.to_string(),
-            build,
-            task_counts,
-            failed_tasks,
-            tests,
-            artifacts,
-            logs,
-        }
-        .unless_empty())
+        rows::query_build(self, build_id)
     }
 
     fn counts(&mut self) -> Result<TableCounts, StoreError> {
@@ -568,21 +338,78 @@ impl Store for SqliteStore {
     }
 }
 
-/// Runs `sql` with `build_id` as `?1` and maps every row.
-fn collect<T>(
-    conn: &Connection,
-    sql: &str,
-    build_id: &str,
-    map: impl FnMut(&Row<'_>) -> rusqlite::Result<Result<T, StoreError>>,
-) -> rusqlite::Result<Result<Vec<T>, StoreError>> {
-    let mut st = conn.prepare_cached(sql)?;
-    let rows = st.query_map([build_id], map)?;
-    let mut out = Vec::new();
-    for row in rows {
-        match row? {
-            Ok(v) => out.push(v),
-            Err(e) => return Ok(Err(e)),
-        }
+impl Query for SqliteStore {
+    fn store_name(&self) -> &str {
+        &self.name
     }
-    Ok(Ok(out))
+
+    fn dialect(&self) -> &'static Dialect {
+        &Dialect::SQLITE
+    }
+
+    /// Through the cache of prepared statements.
+    fn each_row(
+        &mut self,
+        action: &str,
+        sql: &str,
+        params: &[Val<'_>],
+        each: &mut dyn FnMut(&dyn DbRow) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let fail = self.err(action);
+        let mut st = self.conn.prepare_cached(sql).map_err(&fail)?;
+        let values: Vec<ToSqlOutput<'_>> = params.iter().map(sql_value).collect();
+        let mut rows = st
+            .query(rusqlite::params_from_iter(values.iter()))
+            .map_err(&fail)?;
+        while let Some(row) = rows.next().map_err(&fail)? {
+            each(&SqliteRow {
+                row,
+                store: &self.name,
+                action,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// A result row, with what its read errors name.
+struct SqliteRow<'r, 's> {
+    row: &'r Row<'s>,
+    store: &'r str,
+    action: &'r str,
+}
+
+impl SqliteRow<'_, '_> {
+    fn get<T: FromSql>(&self, i: usize) -> Result<T, StoreError> {
+        self.row
+            .get(i)
+            .map_err(|e| db_error(self.store, self.action, e))
+    }
+}
+
+impl DbRow for SqliteRow<'_, '_> {
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        self.get(i)
+    }
+
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        self.get(i)
+    }
+
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        self.get(i)
+    }
+
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        self.get(i)
+    }
+
+    fn opt_bool(&self, i: usize) -> Result<Option<bool>, StoreError> {
+        self.get(i)
+    }
+
+    /// Stored as RFC 3339 text already.
+    fn opt_time(&self, i: usize) -> Result<Option<String>, StoreError> {
+        self.get(i)
+    }
 }
