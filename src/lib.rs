@@ -29,6 +29,7 @@
 //! - [`aam`]: the Artifacts Analysis Module: scans a finished build's directory,
 //!   classifies and hashes what it finds, and gives `artifact` messages of that build
 //!   (`buildbus aam`, and `--build-dir` of `publish`/`bitbake-live`);
+//! - [`logging`]: log output on stderr, as the command line sets it up;
 //! - [`cli`]: the `buildbus` command line (`anyhow` lives only there and in `main.rs`).
 //!
 //! Still to come (see the issues): the Bazel Build Event Service source.
@@ -41,5 +42,6 @@ pub mod config;
 pub mod dsi;
 pub mod evt;
 pub mod infra;
+pub mod logging;
 pub mod model;
 pub mod report;

@@ -1,4 +1,4 @@
-//! `buildbus bench bes`: events/s through the BES backend, beside the file translation
+//! `buildbus-bench bes`: events/s through the BES backend, beside the file translation
 //! rate of the same events.
 //!
 //! The recorded session's Bazel events are repeated (each copy with a fresh uuid in its
@@ -22,21 +22,21 @@ use clap::Args;
 use prost::Message;
 
 use super::Cli;
-use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::bus::source::{publish_file, FileOptions};
-use crate::evt::bazel::bes::capture;
-use crate::evt::bazel::bes::proto::v1::build_event::{
+use buildbus::bus::publish::{Publisher, PublisherConfig};
+use buildbus::bus::source::{publish_file, FileOptions};
+use buildbus::evt::bazel::bes::capture;
+use buildbus::evt::bazel::bes::proto::v1::build_event::{
     build_component_stream_finished::FinishType, BuildComponentStreamFinished, Event as BesEvent,
 };
-use crate::evt::bazel::bes::proto::v1::{
+use buildbus::evt::bazel::bes::proto::v1::{
     BuildEvent as BesBuildEvent, OrderedBuildEvent, PublishBuildToolEventStreamRequest, StreamId,
 };
-use crate::evt::bazel::bes::proto::BAZEL_EVENT_TYPE;
-use crate::evt::bazel::bes::{self, BesConfig};
-use crate::evt::bazel::proto::build_event_stream::{build_event::Payload, BuildEvent};
-use crate::evt::{translate_file, Context, Format};
-use crate::infra::RabbitNode;
-use crate::model::DEFAULT_EXCHANGE_PREFIX;
+use buildbus::evt::bazel::bes::proto::BAZEL_EVENT_TYPE;
+use buildbus::evt::bazel::bes::{self, BesConfig};
+use buildbus::evt::bazel::proto::build_event_stream::{build_event::Payload, BuildEvent};
+use buildbus::evt::{translate_file, Context, Format};
+use buildbus::infra::RabbitNode;
+use buildbus::model::DEFAULT_EXCHANGE_PREFIX;
 
 #[derive(Debug, Args)]
 pub struct BesBench {
@@ -151,7 +151,7 @@ pub fn run(_cli: &Cli, a: &BesBench) -> anyhow::Result<ExitCode> {
     eprintln!("starting a private RabbitMQ node");
     let node = RabbitNode::start(&dir).context("RabbitMQ (scripts/ensure-deps.sh)")?;
     let url = node.amqp_url();
-    let rt = super::publish::runtime()?;
+    let rt = super::runtime()?;
     println!(
         "# buildbus bench bes: {n} Bazel events ({messages} messages) from {}",
         a.capture.display()

@@ -1,4 +1,4 @@
-//! `buildbus bench bitbake`: BitBake event-log translation throughput beside a bare
+//! `buildbus-bench bitbake`: BitBake event-log translation throughput beside a bare
 //! baseline (JSON parse of each line and base64 decode of its pickle) on the same
 //! lines, in the same run, and peak memory.
 //!
@@ -18,7 +18,7 @@ use base64::Engine as _;
 use clap::Args;
 
 use super::Cli;
-use crate::evt::{translate_file, Context, Format};
+use buildbus::evt::{translate_file, Context, Format};
 
 /// Options of `bench bitbake`.
 #[derive(Debug, Args)]
