@@ -21,8 +21,6 @@
 //!   file sources with checkpoints;
 //! - [`dsi`]: the Data Store Interface: the storage worker pool (validate, batch,
 //!   commit, then ack) and the stores (SQLite, PostgreSQL) with their queries;
-//! - [`infra`]: private RabbitMQ nodes and PostgreSQL clusters for tests, the demo and
-//!   the benchmarks;
 //! - [`config`]: `config/buildbus.toml`, compiled in as the defaults;
 //! - [`report`]: human summaries of translated builds;
 //! - [`client`]: filtered subscriptions with callbacks, behind `buildbus monitor`;
@@ -41,7 +39,6 @@ pub mod client;
 pub mod config;
 pub mod dsi;
 pub mod evt;
-pub mod infra;
 pub mod logging;
 pub mod model;
 pub mod report;

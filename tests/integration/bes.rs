@@ -17,8 +17,8 @@ use buildbus::evt::bazel::bes::proto::v1::publish_build_event_client::PublishBui
 use buildbus::evt::bazel::bes::proto::v1::PublishBuildToolEventStreamRequest;
 use buildbus::evt::bazel::bes::{self, Auth, BesConfig};
 use buildbus::evt::Context;
-use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::{Envelope, Payload, DEFAULT_EXCHANGE_PREFIX};
+use buildbus_testkit::rabbitmq::RabbitNode;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 

@@ -9,8 +9,8 @@ use buildbus::bus::publish::{Publisher, PublisherConfig};
 use buildbus::bus::source::{publish_file, FileOptions};
 use buildbus::bus::topology::DSI_QUEUE;
 use buildbus::evt::Context;
-use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::DEFAULT_EXCHANGE_PREFIX;
+use buildbus_testkit::rabbitmq::RabbitNode;
 
 use crate::harness::*;
 

@@ -20,8 +20,8 @@ use buildbus::bus::topology::DEAD_LETTER_QUEUE;
 use buildbus::client::{ClientError, Monitor, MonitorBuilder};
 use buildbus::config::{Config, FieldValues};
 use buildbus::evt::Context;
-use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::{BuildState, Envelope, Kind, Payload, DEFAULT_EXCHANGE_PREFIX};
+use buildbus_testkit::rabbitmq::RabbitNode;
 
 use crate::harness::*;
 

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::LazyLock;
 
 use buildbus::dsi::store::{self, BuildFilter, Store, StoreError, TableCounts, WriteStats};
-use buildbus::infra::PgCluster;
 use buildbus::model::{Envelope, Kind, Payload};
+use buildbus_testkit::PgCluster;
 
 use crate::harness::{buildbus, buildbus_env, clean, tempdir};
 

@@ -35,8 +35,8 @@ use buildbus::evt::bazel::bes::proto::BAZEL_EVENT_TYPE;
 use buildbus::evt::bazel::bes::{self, BesConfig};
 use buildbus::evt::bazel::proto::build_event_stream::{build_event::Payload, BuildEvent};
 use buildbus::evt::{translate_file, Context, Format};
-use buildbus::infra::RabbitNode;
 use buildbus::model::DEFAULT_EXCHANGE_PREFIX;
+use buildbus_testkit::RabbitNode;
 
 #[derive(Debug, Args)]
 pub struct BesBench {

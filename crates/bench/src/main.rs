@@ -4,9 +4,9 @@
 //! beside its baseline in the same run: [`translate`] (translation against a bare parse),
 //! [`pipeline`] (publish, DSI, latency), [`bitbake`], [`monitor`] (the client library),
 //! [`bes`] (the BES backend) and [`aam`] (artifact scanning). It uses the `buildbus`
-//! library like any other program does and starts its own private RabbitMQ nodes and
-//! PostgreSQL clusters. The command-line options are the same as the ones `buildbus
-//! bench` had.
+//! library like any other program does, and starts its private RabbitMQ nodes and
+//! PostgreSQL clusters with `buildbus-testkit`. The command-line options are the same as
+//! the ones `buildbus bench` had.
 
 mod aam;
 mod bes;

@@ -25,8 +25,8 @@ use buildbus::bus::message::Outgoing;
 use buildbus::bus::publish::{Publisher, PublisherConfig};
 use buildbus::client::MonitorBuilder;
 use buildbus::evt::{translate_file, Context};
-use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::{ids, Envelope, DEFAULT_EXCHANGE_PREFIX};
+use buildbus_testkit::rabbitmq::RabbitNode;
 
 const EXAMPLES: &str = "\
 Examples:

@@ -28,9 +28,9 @@ use buildbus::bus::publish::{Publisher, PublisherConfig};
 use buildbus::bus::topology::{Topology, DSI_QUEUE};
 use buildbus::dsi::worker::{run_pool, DsiConfig, DsiStats};
 use buildbus::evt::{translate_file, Context};
-use buildbus::infra::postgres::PgCluster;
-use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::{ids, time, Envelope, DEFAULT_EXCHANGE_PREFIX};
+use buildbus_testkit::postgres::PgCluster;
+use buildbus_testkit::rabbitmq::RabbitNode;
 
 /// Options of `bench pipeline`.
 #[derive(Debug, Args)]
