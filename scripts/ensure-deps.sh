@@ -9,7 +9,7 @@
 # something has to be installed.
 #
 # The tests never use the system-wide broker or cluster: they start private
-# ones (src/infra). So after installing rabbitmq-server this script makes sure
+# ones (crates/testkit). So after installing rabbitmq-server this script makes sure
 # the Debian package's own service is stopped and not enabled, so that it does
 # not sit on 5672/25672/4369 or use CPU during CI.
 set -euo pipefail

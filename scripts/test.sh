@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it: installs what is missing, then
-# formatting, lints, and every unit and integration test (against real components).
+# formatting, lints, and every unit and integration test (against real components) of
+# every workspace member: buildbus, crates/testkit and crates/bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -11,8 +12,8 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
-echo "== cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
-echo "== cargo test"
-cargo test --all-targets --locked
-cargo test --doc --locked
+echo "== cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test --workspace"
+cargo test --workspace --all-targets --locked
+cargo test --workspace --doc --locked

@@ -37,7 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod consumers;
 pub mod decode;
-pub mod infra;
+pub mod logging;
 pub mod model;
 pub mod pipeline;
 pub mod sources;

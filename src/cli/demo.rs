@@ -1,11 +1,12 @@
 //! `buildbus demo`: the whole pipeline on this machine, on the bundled real streams.
 //!
-//! Starts a private RabbitMQ node (own port and folder), publishes every bundled Bazel
-//! and BitBake stream with confirms, replays two recorded live Bazel sessions against the
-//! BES backend (acks only after the broker confirmed), runs a pool of DSI workers into a demo SQLite file until every
-//! message is stored, runs a filtered monitor (finished builds and test summaries of one
-//! tree and platform) alongside, prints `query builds` and one build in detail, and stops
-//! the node.
+//! On the broker at `--url` (`scripts/demo.sh` starts a private RabbitMQ node for it with
+//! `buildbus-testkit` and stops it afterwards), publishes every bundled Bazel and BitBake
+//! stream with confirms, replays two recorded live Bazel sessions against the BES backend
+//! (acks only after the broker confirmed), runs a pool of DSI workers into a demo SQLite
+//! file until every message is stored, runs a filtered monitor (finished builds and test
+//! summaries of one tree and platform) alongside, and prints `query builds` and one build
+//! in detail.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -20,25 +21,29 @@ use super::{Cli, FieldArgs};
 use crate::bus::publish::{Publisher, PublisherConfig};
 use crate::consumers::client::MonitorBuilder;
 use crate::consumers::dsi::worker::{run_pool, DsiConfig, DsiStats};
-use crate::infra::rabbitmq::RabbitNode;
 use crate::pipeline::file::{publish_file, FileOptions};
 use crate::sources::bes::{self, capture, BesConfig};
 
 const EXAMPLES: &str = "\
 Examples:
-  buildbus demo
-  buildbus demo --fixtures tests/fixtures --dir .demo --keep-broker
+  bash scripts/demo.sh
+  buildbus demo --url amqp://guest:guest@127.0.0.1:5672/%2f
+  buildbus demo --fixtures tests/fixtures --dir .demo --workers 4
 
-scripts/demo.sh installs what is missing (RabbitMQ) and runs this.";
+scripts/demo.sh installs what is missing (RabbitMQ), starts a private RabbitMQ node,
+runs this on it with --url, and stops the node.";
 
 /// Run the whole pipeline on the bundled real build streams and show the result.
 #[derive(Debug, Args)]
 #[command(after_help = EXAMPLES)]
 pub struct DemoArgs {
+    /// Broker URL (default: [bus] url of the config).
+    #[arg(long, env = "BUILDBUS_URL", value_name = "URL")]
+    pub url: Option<String>,
     /// Where the bundled streams are.
     #[arg(long, default_value = "tests/fixtures", value_name = "DIR")]
     pub fixtures: PathBuf,
-    /// Working folder: the broker's data and the demo store (demo.db).
+    /// Working folder: the demo store (demo.db) and the BES backend's spool.
     #[arg(long, default_value = ".demo", value_name = "DIR")]
     pub dir: PathBuf,
     /// DSI workers.
@@ -79,11 +84,8 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
         found.sort();
         files.extend(found);
     }
-    step(t, "starting a private RabbitMQ node");
-    let node = RabbitNode::start(&std::fs::canonicalize(&a.dir)?)
-        .context("starting RabbitMQ (scripts/ensure-deps.sh installs it)")?;
-    let url = node.amqp_url();
-    step(t, &format!("broker up on 127.0.0.1:{}", node.amqp_port()));
+    let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
+    step(t, &format!("broker at {}", crate::bus::redact_url(&url)));
     // A filtered monitor, as another team would run it: finished builds and test
     // summaries of tree bep-fixture on platform k8 (its filters are broker bindings).
     let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -219,8 +221,7 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
             stats.dead_lettered.load(Ordering::Relaxed)
         ),
     );
-    drop(node);
-    step(t, "broker stopped; what the DSI stored:");
+    step(t, "what the DSI stored:");
     let exe = std::env::current_exe()?;
     let status = Command::new(&exe)
         .args(["query", "builds", "--store", &store])

@@ -2,12 +2,6 @@
 //! subcommand. `anyhow` is used here and nowhere else in the library.
 
 mod aam;
-mod bench;
-mod bench_aam;
-mod bench_bes;
-mod bench_bitbake;
-mod bench_monitor;
-mod bench_pipeline;
 mod bes;
 mod bitbake_live;
 mod demo;
@@ -60,7 +54,6 @@ pub enum Command {
     Monitor(monitor::MonitorArgs),
     Demo(demo::DemoArgs),
     Query(query::QueryArgs),
-    Bench(bench::BenchArgs),
     Aam(aam::AamArgs),
 }
 
@@ -109,22 +102,6 @@ impl FieldArgs {
     }
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
-    let default = match (quiet, verbose) {
-        (true, _) => "error",
-        (false, 0) => "warn",
-        (false, 1) => "buildbus=debug,info",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
-}
-
 /// Loads the configuration and resolves the translation context.
 pub(crate) fn context(
     config: Option<&std::path::Path>,
@@ -138,7 +115,7 @@ pub(crate) fn context(
 /// Runs the command line; the exit code says how it went.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.quiet);
+    crate::logging::init(cli.verbose, cli.quiet);
     let result = match &cli.command {
         Command::Translate(a) => translate::run(&cli, a),
         Command::Publish(a) => publish::publish(&cli, a),
@@ -150,7 +127,6 @@ pub fn main() -> ExitCode {
         Command::Monitor(a) => monitor::run(&cli, a),
         Command::Demo(a) => demo::run(&cli, a),
         Command::Query(a) => query::run(&cli, a),
-        Command::Bench(a) => bench::run(&cli, a),
         Command::Aam(a) => aam::run(&cli, a),
     };
     match result {

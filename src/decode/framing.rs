@@ -87,7 +87,7 @@ const RESERVE_AHEAD: usize = 1 << 20;
 /// or length inside a message): its value and length. `None` when `data` ends inside
 /// the varint or the varint is longer than 10 bytes.
 #[inline]
-pub(crate) fn varint(data: &[u8]) -> Option<(u64, usize)> {
+pub fn varint(data: &[u8]) -> Option<(u64, usize)> {
     // Keys and most lengths are one byte.
     match data.first() {
         Some(&b) if b < 0x80 => return Some((u64::from(b), 1)),

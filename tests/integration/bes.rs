@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use buildbus::bus::publish::PublisherConfig;
 use buildbus::bus::topology::DSI_QUEUE;
-use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::{Envelope, Payload, DEFAULT_EXCHANGE_PREFIX};
 use buildbus::sources::bes::capture::{self, Call};
 use buildbus::sources::bes::proto::v1::publish_build_event_client::PublishBuildEventClient;
 use buildbus::sources::bes::proto::v1::PublishBuildToolEventStreamRequest;
 use buildbus::sources::bes::{self, Auth, BesConfig};
 use buildbus::systems::Context;
+use buildbus_testkit::rabbitmq::RabbitNode;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 

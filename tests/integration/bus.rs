@@ -7,10 +7,10 @@ use std::time::Duration;
 use buildbus::bus::message::header;
 use buildbus::bus::publish::{Publisher, PublisherConfig};
 use buildbus::bus::topology::DSI_QUEUE;
-use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::DEFAULT_EXCHANGE_PREFIX;
 use buildbus::pipeline::file::{publish_file, FileOptions};
 use buildbus::systems::Context;
+use buildbus_testkit::rabbitmq::RabbitNode;
 
 use crate::harness::*;
 

@@ -53,15 +53,7 @@ fn help_has_examples() {
     let o = buildbus(&["--help"]);
     assert!(o.status.success());
     let top = String::from_utf8(o.stdout).unwrap();
-    for sub in [
-        "translate",
-        "publish",
-        "setup",
-        "dsi",
-        "query",
-        "demo",
-        "bench",
-    ] {
+    for sub in ["translate", "publish", "setup", "dsi", "query", "demo"] {
         assert!(top.contains(sub), "{sub} listed in --help: {top}");
         let o = buildbus(&[sub, "--help"]);
         assert!(o.status.success(), "{sub} --help");
@@ -73,6 +65,9 @@ fn help_has_examples() {
     }
     let s = String::from_utf8(buildbus(&["translate", "--help"]).stdout).unwrap();
     assert!(s.contains("Exit status"), "{s}");
+    // The benchmarks are their own binary (crates/bench, whose tests check its --help).
+    assert!(!top.contains("bench"), "no bench command in --help: {top}");
+    assert!(!buildbus(&["bench", "--help"]).status.success());
 }
 
 /// Writes `bytes` to a file in a temp dir and translates it.

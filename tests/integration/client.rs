@@ -19,9 +19,9 @@ use buildbus::bus::publish::{Publisher, PublisherConfig};
 use buildbus::bus::topology::DEAD_LETTER_QUEUE;
 use buildbus::config::{Config, FieldValues};
 use buildbus::consumers::client::{ClientError, Monitor, MonitorBuilder};
-use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::{BuildState, Envelope, Kind, Payload, DEFAULT_EXCHANGE_PREFIX};
 use buildbus::systems::Context;
+use buildbus_testkit::rabbitmq::RabbitNode;
 
 use crate::harness::*;
 

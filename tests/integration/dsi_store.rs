@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::LazyLock;
 
-use buildbus::infra::PgCluster;
 use buildbus::model::{Envelope, Kind, Payload};
 use buildbus::stores::{self as store, BuildFilter, Store, StoreError, TableCounts, WriteStats};
+use buildbus_testkit::PgCluster;
 
 use crate::harness::{buildbus, buildbus_env, clean, tempdir};
 

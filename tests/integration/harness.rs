@@ -121,7 +121,7 @@ pub fn tempdir() -> tempfile::TempDir {
 
 use std::sync::{Mutex, OnceLock};
 
-use buildbus::infra::rabbitmq::RabbitNode;
+use buildbus_testkit::rabbitmq::RabbitNode;
 
 /// The base folder of this test run's servers (removed by their watchdogs).
 pub fn infra_dir() -> PathBuf {
@@ -192,7 +192,7 @@ pub async fn drain(url: &str, queue: &str) -> Vec<(Vec<u8>, lapin::BasicProperti
     out
 }
 
-use buildbus::infra::postgres::PgCluster;
+use buildbus_testkit::postgres::PgCluster;
 
 /// The shared PostgreSQL cluster.
 pub fn pg() -> &'static PgCluster {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use buildbus::consumers::dsi::worker::{run_pool, DsiConfig, DsiStats};
-use buildbus::infra::rabbitmq::RabbitNode;
 use buildbus::model::{Envelope, DEFAULT_EXCHANGE_PREFIX};
+use buildbus_testkit::rabbitmq::RabbitNode;
 
 use crate::harness::*;
 

@@ -1,4 +1,4 @@
-//! `buildbus bench bes`: events/s through the BES backend, beside the file translation
+//! `buildbus-bench bes`: events/s through the BES backend, beside the file translation
 //! rate of the same events.
 //!
 //! The recorded session's Bazel events are repeated (each copy with a fresh uuid in its
@@ -22,22 +22,22 @@ use clap::Args;
 use prost::Message;
 
 use super::Cli;
-use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::decode::bep::proto::build_event_stream::{build_event::Payload, BuildEvent};
-use crate::infra::RabbitNode;
-use crate::model::DEFAULT_EXCHANGE_PREFIX;
-use crate::pipeline::file::{publish_file, FileOptions};
-use crate::sources::bes::capture;
-use crate::sources::bes::proto::v1::build_event::{
+use buildbus::bus::publish::{Publisher, PublisherConfig};
+use buildbus::decode::bep::proto::build_event_stream::{build_event::Payload, BuildEvent};
+use buildbus::model::DEFAULT_EXCHANGE_PREFIX;
+use buildbus::pipeline::file::{publish_file, FileOptions};
+use buildbus::sources::bes::capture;
+use buildbus::sources::bes::proto::v1::build_event::{
     build_component_stream_finished::FinishType, BuildComponentStreamFinished, Event as BesEvent,
 };
-use crate::sources::bes::proto::v1::{
+use buildbus::sources::bes::proto::v1::{
     BuildEvent as BesBuildEvent, OrderedBuildEvent, PublishBuildToolEventStreamRequest, StreamId,
 };
-use crate::sources::bes::proto::BAZEL_EVENT_TYPE;
-use crate::sources::bes::{self, BesConfig};
-use crate::sources::file::{translate_file, Format};
-use crate::systems::Context;
+use buildbus::sources::bes::proto::BAZEL_EVENT_TYPE;
+use buildbus::sources::bes::{self, BesConfig};
+use buildbus::sources::file::{translate_file, Format};
+use buildbus::systems::Context;
+use buildbus_testkit::RabbitNode;
 
 #[derive(Debug, Args)]
 pub struct BesBench {
@@ -152,7 +152,7 @@ pub fn run(_cli: &Cli, a: &BesBench) -> anyhow::Result<ExitCode> {
     eprintln!("starting a private RabbitMQ node");
     let node = RabbitNode::start(&dir).context("RabbitMQ (scripts/ensure-deps.sh)")?;
     let url = node.amqp_url();
-    let rt = super::publish::runtime()?;
+    let rt = super::runtime()?;
     println!(
         "# buildbus bench bes: {n} Bazel events ({messages} messages) from {}",
         a.capture.display()

@@ -1,4 +1,4 @@
-//! `buildbus bench monitor`: the client library on a private RabbitMQ node.
+//! `buildbus-bench monitor`: the client library on a private RabbitMQ node.
 //!
 //! - callbacks/s: a labelled (durable quorum) queue preloaded with N messages, drained
 //!   by a monitor whose callback does nothing, with 1 and 4 workers, beside a bare
@@ -21,20 +21,20 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use super::Cli;
-use crate::bus::message::Outgoing;
-use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::consumers::client::MonitorBuilder;
-use crate::infra::rabbitmq::RabbitNode;
-use crate::model::{ids, Envelope, DEFAULT_EXCHANGE_PREFIX};
-use crate::sources::file::translate_file;
-use crate::systems::Context;
+use buildbus::bus::message::Outgoing;
+use buildbus::bus::publish::{Publisher, PublisherConfig};
+use buildbus::consumers::client::MonitorBuilder;
+use buildbus::model::{ids, Envelope, DEFAULT_EXCHANGE_PREFIX};
+use buildbus::sources::file::translate_file;
+use buildbus::systems::Context;
+use buildbus_testkit::rabbitmq::RabbitNode;
 
 const EXAMPLES: &str = "\
 Examples:
   # The figures of BENCHMARKS.md (a private RabbitMQ node is started and removed)
-  cargo run --release -- bench monitor
+  cargo run --release -p buildbus-bench -- monitor
   # A shorter run
-  cargo run --release -- bench monitor --messages 5000 --seconds 3
+  cargo run --release -p buildbus-bench -- monitor --messages 5000 --seconds 3
 
 callbacks/s: a labelled queue preloaded with --messages messages, drained by a monitor
 with a no-op callback (1 and 4 workers) and by a bare lapin consumer. Latency: from just
@@ -54,7 +54,7 @@ pub struct MonitorBench {
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
     /// Where the fixtures are.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"), value_name = "DIR")]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"), value_name = "DIR")]
     pub fixtures: PathBuf,
     /// Working folder (broker data); default a temporary one.
     #[arg(long, value_name = "DIR")]
@@ -101,9 +101,7 @@ fn messages(fixtures: &std::path::Path, n: usize) -> anyhow::Result<Vec<Outgoing
 
 /// Publishes everything at once (confirms awaited at the end).
 async fn preload(url: &str, msgs: &[Outgoing]) -> anyhow::Result<()> {
-    super::bench_pipeline::publish_raw(url, msgs)
-        .await
-        .map(|_| ())
+    super::pipeline::publish_raw(url, msgs).await.map(|_| ())
 }
 
 /// A labelled monitor with a no-op callback, declared once so its queue fills.
@@ -204,15 +202,15 @@ async fn bare_consumer(
     durable: bool,
     count: usize,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<Vec<i64>>>> {
-    use crate::bus::topology::Topology;
-    use crate::consumers::client::queue::{self, QueueLimits};
+    use buildbus::bus::topology::Topology;
+    use buildbus::consumers::client::queue::{self, QueueLimits};
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     let topo = Topology::new(DEFAULT_EXCHANGE_PREFIX);
     topo.declare_exchanges(&ch).await?;
     let q = if durable {
         let limits = QueueLimits {
-            max_length: crate::consumers::client::DEFAULT_MAX_LENGTH,
+            max_length: buildbus::consumers::client::DEFAULT_MAX_LENGTH,
             max_length_bytes: None,
         };
         let name = "queue/guest/bench-bare";
@@ -221,9 +219,9 @@ async fn bare_consumer(
     } else {
         queue::declare_exclusive(&ch).await?
     };
-    let all: Vec<crate::consumers::client::Binding> = crate::model::Kind::ALL
+    let all: Vec<buildbus::consumers::client::Binding> = buildbus::model::Kind::ALL
         .iter()
-        .map(|k| crate::consumers::client::Binding {
+        .map(|k| buildbus::consumers::client::Binding {
             exchange: topo.exchange(*k),
             routing_key: "#".into(),
         })
@@ -327,7 +325,7 @@ pub fn run(_cli: &Cli, a: &MonitorBench) -> anyhow::Result<ExitCode> {
     eprintln!("starting a private RabbitMQ node");
     let node = RabbitNode::start(&dir).context("RabbitMQ (scripts/ensure-deps.sh)")?;
     let url = node.amqp_url();
-    let rt = super::publish::runtime()?;
+    let rt = super::runtime()?;
     let n = msgs.len();
     println!(
         "# buildbus bench monitor: {n} messages, {} cores",

@@ -1,4 +1,4 @@
-//! `buildbus bench aam`: the AAM's hashing and walking speed beside the usual tools, in
+//! `buildbus-bench aam`: the AAM's hashing and walking speed beside the usual tools, in
 //! the same run, on the same generated files.
 //!
 //! - Hashing: a tree of large files (warm in the page cache), hashed by `sha256sum` (one
@@ -21,14 +21,14 @@ use anyhow::{ensure, Context as _};
 use clap::Args;
 
 use super::Cli;
-use crate::aam::{self, Rules, ScanOptions};
+use buildbus::aam::{self, Rules, ScanOptions};
 
 const EXAMPLES: &str = "\
 Examples:
   # 8 files, 1 GiB, beside sha256sum; 100,000 small files beside find
-  cargo run --release -- bench aam
+  cargo run --release -p buildbus-bench -- aam
   # Bigger files, keep the generated trees
-  cargo run --release -- bench aam --mib 4096 --large-files 4 --dir /var/tmp/aam-bench
+  cargo run --release -p buildbus-bench -- aam --mib 4096 --large-files 4 --dir /var/tmp/aam-bench
 
 Figures go in BENCHMARKS.md; tests never assert speed.";
 

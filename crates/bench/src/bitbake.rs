@@ -1,4 +1,4 @@
-//! `buildbus bench bitbake`: BitBake event-log translation throughput beside a bare
+//! `buildbus-bench bitbake`: BitBake event-log translation throughput beside a bare
 //! baseline (JSON parse of each line and base64 decode of its pickle) on the same
 //! lines, in the same run, and peak memory.
 //!
@@ -18,8 +18,8 @@ use base64::Engine as _;
 use clap::Args;
 
 use super::Cli;
-use crate::sources::file::{translate_file, Format};
-use crate::systems::Context;
+use buildbus::sources::file::{translate_file, Format};
+use buildbus::systems::Context;
 
 /// Options of `bench bitbake`.
 #[derive(Debug, Args)]

@@ -1,8 +1,10 @@
-//! Private, throw-away instances of the external services buildbus talks to,
-//! for tests, the demo and the benchmarks: a RabbitMQ node ([`RabbitNode`])
-//! and a PostgreSQL cluster ([`PgCluster`]).
+//! buildbus-testkit: private, throw-away instances of the external services
+//! buildbus talks to, for buildbus's tests, the demo script and the benchmarks:
+//! a RabbitMQ node ([`RabbitNode`]) and a PostgreSQL cluster ([`PgCluster`]).
+//! A development crate (`publish = false`), never part of the product: it does
+//! not depend on `buildbus`, and `buildbus` has it as a dev-dependency only.
 //!
-//! This module owns starting, watching and stopping those processes. Each
+//! This crate owns starting, watching and stopping those processes. Each
 //! instance lives in its own folder under a caller-given base folder, listens
 //! on free ports of 127.0.0.1 only, and never touches a system-wide broker or
 //! cluster. It uses only `std` (blocking `std::process::Command`), so it can
@@ -19,6 +21,11 @@
 //!
 //! The programs come from Debian packages; `scripts/ensure-deps.sh`
 //! installs them, and every "not found" error says so.
+//!
+//! The crate's binary, `buildbus-testkit`, gives the same to shell scripts:
+//! `buildbus-testkit rabbitmq --dir DIR` starts a node, prints its AMQP URL
+//! and runs it until its stdin ends or it gets SIGINT/SIGTERM
+//! (`scripts/demo.sh` uses it).
 
 pub mod postgres;
 pub mod rabbitmq;
@@ -100,7 +107,7 @@ pub enum InfraError {
     Setup(String),
 }
 
-/// Shorthand for this module's results.
+/// Shorthand for this crate's results.
 pub type Result<T, E = InfraError> = std::result::Result<T, E>;
 
 /// How many log lines an error message quotes.

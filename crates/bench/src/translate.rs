@@ -1,6 +1,6 @@
-//! `buildbus bench`: measurements on generated inputs.
+//! `buildbus-bench translate`: translation throughput and memory on generated inputs.
 //!
-//! `bench translate` repeats the Bazel fixture invocations (each with a fresh uuid, so each
+//! It repeats the Bazel fixture invocations (each with a fresh uuid, so each
 //! repetition is its own build) into one large `.json` and one large `.bin` stream, then
 //! times, on the same warm files, a bare parse of every event (the baseline) against
 //! `translate_file` with a sink that serializes every envelope, as publishing will. It also
@@ -17,16 +17,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context as _};
-use clap::{Args, Subcommand};
+use clap::Args;
 use prost::Message;
 use serde_json::{json, Value};
 
-use super::{Cli, FieldArgs};
-use crate::decode::bep::codec;
-use crate::decode::bep::proto::build_event_stream::{build_event::Payload, BuildEvent};
-use crate::decode::framing::{Framer, Next};
-use crate::sources::file::{translate_file, Format};
-use crate::systems::Context;
+use super::Cli;
+use buildbus::decode::bep::codec;
+use buildbus::decode::bep::proto::build_event_stream::{build_event::Payload, BuildEvent};
+use buildbus::decode::framing::{Framer, Next};
+use buildbus::sources::file::{translate_file, Format};
+use buildbus::systems::Context;
 
 /// The read buffer of `translate_file` (`src/evt/stream.rs`), used by the baselines too.
 const READ_BUF: usize = 256 * 1024;
@@ -45,44 +45,6 @@ const UUID_LEN: usize = 36;
 
 /// A baseline frame over this is treated as corrupt input rather than allocated.
 const MAX_FRAME: u64 = 256 * 1024 * 1024;
-
-const BENCH_EXAMPLES: &str = "\
-Examples:
-  # Translation throughput and memory, beside a bare parse of the same events
-  cargo run --release -- bench translate
-  # Publish rate, DSI rows/s (1, 2, 4 workers; SQLite and PostgreSQL), latency
-  cargo run --release -- bench pipeline
-  cargo run --release -- bench pipeline --messages 20000 --workers 1,2 --no-postgres
-  # Events/s through the BES backend (private RabbitMQ), beside file translation
-  cargo run --release -- bench bes --events 200000 --streams 1,4
-  # Artifact scanning: MB/s beside sha256sum, files/s beside find
-  cargo run --release -- bench aam --mib 1024 --small-files 100000
-
-Figures go in BENCHMARKS.md; tests never assert speed.";
-
-/// Measure buildbus on generated inputs.
-#[derive(Debug, Args)]
-#[command(after_help = BENCH_EXAMPLES)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    pub what: BenchWhat,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BenchWhat {
-    /// Translation throughput and memory against a bare parse of the same events.
-    Translate(TranslateBench),
-    /// Publish rate, DSI storage rate and end-to-end latency on private servers.
-    Pipeline(super::bench_pipeline::PipelineBench),
-    /// BitBake event-log translation against a bare JSON + base64 parse.
-    Bitbake(super::bench_bitbake::BitbakeBench),
-    /// Client library: callbacks/s with a no-op callback, publish → callback latency.
-    Monitor(super::bench_monitor::MonitorBench),
-    /// BES backend: events/s streamed to it (acked = confirmed), beside file translation.
-    Bes(super::bench_bes::BesBench),
-    /// The AAM: MB/s hashing beside sha256sum, files/s walking beside find.
-    Aam(super::bench_aam::AamBench),
-}
 
 #[derive(Debug, Args)]
 pub struct TranslateBench {
@@ -108,7 +70,7 @@ pub struct TranslateBench {
     pub runs: u32,
 
     /// The Bazel fixtures to repeat.
-    #[arg(long, value_name = "DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bazel"))]
+    #[arg(long, value_name = "DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/bazel"))]
     pub fixtures: PathBuf,
 
     /// Also time the stages: framing and decoding alone (buildbus's `Framer` and codec),
@@ -120,17 +82,6 @@ pub struct TranslateBench {
     /// of the memory measurement).
     #[arg(long, hide = true, value_name = "FILE")]
     pub only_translate: Option<PathBuf>,
-}
-
-pub fn run(cli: &Cli, a: &BenchArgs) -> anyhow::Result<ExitCode> {
-    match &a.what {
-        BenchWhat::Translate(t) => run_translate(cli, t),
-        BenchWhat::Pipeline(p) => super::bench_pipeline::run(cli, p),
-        BenchWhat::Bitbake(b) => super::bench_bitbake::run(cli, b),
-        BenchWhat::Monitor(m) => super::bench_monitor::run(cli, m),
-        BenchWhat::Bes(b) => super::bench_bes::run(cli, b),
-        BenchWhat::Aam(x) => super::bench_aam::run(cli, x),
-    }
 }
 
 /// Progress on stderr (`say!(END, fmt, args..)`, END being `""` or `"\n"`); a closed
@@ -298,7 +249,7 @@ fn bin_template(name: &str, path: &Path) -> anyhow::Result<(Template, u64)> {
     let mut started = None;
     let mut reencoded = 0u64;
     while at < bytes.len() {
-        let (len, n) = crate::decode::framing::varint(bytes.get(at..).unwrap_or_default())
+        let (len, n) = buildbus::decode::framing::varint(bytes.get(at..).unwrap_or_default())
             .ok_or_else(|| anyhow!("{}: bad length prefix at {at}", path.display()))?;
         let body = at + n
             ..usize::try_from(len)
@@ -575,7 +526,7 @@ fn decode_only(path: &Path, format: Format, ctx: &Context) -> anyhow::Result<Pas
         anyhow::bail!("bench translate measures Bazel streams only");
     }
     // What translation keeps of a binary event, as `translate_file` decodes it.
-    let needs = crate::systems::bazel::BazelTranslator::decode_needs(ctx);
+    let needs = buildbus::systems::bazel::BazelTranslator::decode_needs(ctx);
     let binary = format == Format::BepBinary;
     let decode = |b: &[u8]| codec::decode(b, binary, &needs);
     let (mut events, mut bytes) = (0u64, 0u64);
@@ -727,7 +678,7 @@ fn child_translate(cli: &Cli, path: &Path) -> anyhow::Result<Value> {
     if let Some(c) = &cli.config {
         cmd.arg("--config").arg(c);
     }
-    cmd.args(["-q", "bench", "translate", "--only-translate"])
+    cmd.args(["-q", "translate", "--only-translate"])
         .arg(path)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
@@ -850,8 +801,8 @@ fn thousands(n: u64) -> String {
     out
 }
 
-fn run_translate(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
-    let (_, ctx) = super::context(cli.config.as_deref(), &FieldArgs::default())?;
+pub fn run(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
+    let (_, ctx) = super::context(cli.config.as_deref())?;
     let ctx = Arc::new(ctx);
     if let Some(path) = &a.only_translate {
         return only_translate(path, &ctx);
@@ -1163,7 +1114,7 @@ mod tests {
     use super::*;
 
     fn fixtures() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bazel")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bazel")
     }
 
     #[test]

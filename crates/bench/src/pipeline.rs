@@ -1,4 +1,4 @@
-//! `buildbus bench pipeline`: publish rate, DSI storage rate and end-to-end latency on a
+//! `buildbus-bench pipeline`: publish rate, DSI storage rate and end-to-end latency on a
 //! private RabbitMQ node and a private PostgreSQL cluster, each beside its baseline in
 //! the same run.
 //!
@@ -23,15 +23,15 @@ use clap::Args;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
 
 use super::Cli;
-use crate::bus::message::Outgoing;
-use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::bus::topology::{Topology, DSI_QUEUE};
-use crate::consumers::dsi::worker::{run_pool, DsiConfig, DsiStats};
-use crate::infra::postgres::PgCluster;
-use crate::infra::rabbitmq::RabbitNode;
-use crate::model::{ids, time, Envelope, DEFAULT_EXCHANGE_PREFIX};
-use crate::sources::file::translate_file;
-use crate::systems::Context;
+use buildbus::bus::message::Outgoing;
+use buildbus::bus::publish::{Publisher, PublisherConfig};
+use buildbus::bus::topology::{Topology, DSI_QUEUE};
+use buildbus::consumers::dsi::worker::{run_pool, DsiConfig, DsiStats};
+use buildbus::model::{ids, time, Envelope, DEFAULT_EXCHANGE_PREFIX};
+use buildbus::sources::file::translate_file;
+use buildbus::systems::Context;
+use buildbus_testkit::postgres::PgCluster;
+use buildbus_testkit::rabbitmq::RabbitNode;
 
 /// Options of `bench pipeline`.
 #[derive(Debug, Args)]
@@ -209,7 +209,7 @@ pub fn run(_cli: &Cli, a: &PipelineBench) -> anyhow::Result<ExitCode> {
         eprintln!("starting a private PostgreSQL cluster");
         Some(PgCluster::start(&dir).context("PostgreSQL")?)
     };
-    let rt = super::publish::runtime()?;
+    let rt = super::runtime()?;
     let n = outgoing.len() as u64;
     println!(
         "# buildbus bench pipeline: {n} messages, {:.1} MB of JSON bodies",
@@ -261,7 +261,7 @@ pub fn run(_cli: &Cli, a: &PipelineBench) -> anyhow::Result<ExitCode> {
     for (name, store) in alone {
         let batch = envs.clone();
         let secs = std::thread::spawn(move || -> anyhow::Result<f64> {
-            let mut st = crate::stores::open(&store)?;
+            let mut st = buildbus::stores::open(&store)?;
             let t = Instant::now();
             for chunk in batch.chunks(500) {
                 st.write_batch(chunk)?;
