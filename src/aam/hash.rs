@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use sha2::{Digest, Sha256};
 
 use super::progress::ScanProgress;
-use super::walk::{mtime_ms, type_name};
+use super::tree::{mtime_ms, type_name};
 
 /// The read buffer of each hashing thread.
 pub const BUF_SIZE: usize = 512 * 1024;

@@ -13,6 +13,7 @@
 //!   followed out of their tree), special files (never opened);
 //! - [`hash`]: streaming SHA-256 of regular files on all cores, with the checks that a
 //!   file is still the one the walk found;
+//! - [`tree`]: the trees to scan, the report, and the file facts the phases share;
 //! - [`scan`](mod@scan): walk + hash = [`Artifact`] records and a [`ScanReport`];
 //! - [`emit`]: records → envelopes for a build, and the hook the EVT calls when a build
 //!   finishes ([`BuildScanner`], [`artifacts_for_build`]);
@@ -28,6 +29,7 @@ pub mod locate;
 pub mod progress;
 pub mod rules;
 pub mod scan;
+pub mod tree;
 pub mod walk;
 
 pub use emit::{artifacts_for_build, envelopes, BuildArtifacts, BuildScanner};

@@ -7,52 +7,17 @@
 //! after the walk found it) can be reproduced exactly; [`scan`] runs both.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::path::{Path, PathBuf};
+
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::hash::{hash_files, HashJob};
 use super::progress::{ProgressBar, ScanProgress};
+pub use super::tree::{Root, ScanReport, Skipped};
 use super::walk::{walk, Content, Walked};
 use super::{AamError, Rules};
 use crate::model::time;
-
-/// One tree to scan: a real directory (canonical) and the logical name its files'
-/// paths start with (`deploy`, `bazel-bin`, or empty for the directory itself).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Root {
-    pub dir: PathBuf,
-    pub prefix: String,
-}
-
-impl Root {
-    /// A root for `dir` (made canonical), its paths starting with `prefix`.
-    pub fn new(dir: &Path, prefix: &str) -> Result<Root, AamError> {
-        let err = |reason: String| AamError::Root {
-            path: dir.display().to_string(),
-            reason,
-        };
-        let canon = std::fs::canonicalize(dir).map_err(|e| err(format!("cannot open: {e}")))?;
-        let md = std::fs::metadata(&canon).map_err(|e| err(format!("cannot open: {e}")))?;
-        if !md.is_dir() {
-            return Err(err("not a directory".into()));
-        }
-        Ok(Root {
-            dir: canon,
-            prefix: prefix.trim_matches('/').to_string(),
-        })
-    }
-
-    /// The logical path of `rel` (relative to the root, '/'-separated).
-    pub fn logical(&self, rel: &str) -> String {
-        if self.prefix.is_empty() {
-            rel.to_string()
-        } else {
-            [self.prefix.as_str(), "/", rel].concat()
-        }
-    }
-}
 
 /// How to scan.
 #[derive(Debug, Clone, Default)]
@@ -96,48 +61,6 @@ pub struct Artifact {
     pub sha256: Option<String>,
     /// For a symbolic link: its target, as written in the link.
     pub symlink_target: Option<String>,
-}
-
-/// Something the scan left out, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Skipped {
-    pub path: PathBuf,
-    pub reason: String,
-}
-
-impl fmt::Display for Skipped {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path.display(), self.reason)
-    }
-}
-
-/// What one scan saw.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ScanReport {
-    /// The trees scanned.
-    pub roots: Vec<Root>,
-    /// Files, links and special files looked at (not directories).
-    pub entries: u64,
-    /// Of these, excluded by a rule (excluded directories are not entered, and count once).
-    pub excluded: u64,
-    /// Of these, matched by no rule.
-    pub unclassified: u64,
-    /// Artifacts recorded.
-    pub artifacts: u64,
-    /// Bytes read and hashed (each file once, however many links point at it).
-    pub bytes_hashed: u64,
-    /// What was skipped with a warning (unreadable, vanished, loops, FIFOs, sockets, ...).
-    pub skipped: Vec<Skipped>,
-}
-
-impl ScanReport {
-    pub(crate) fn skip(&mut self, path: &Path, reason: String) {
-        tracing::warn!("aam: {}: {reason}", path.display());
-        self.skipped.push(Skipped {
-            path: path.to_path_buf(),
-            reason,
-        });
-    }
 }
 
 /// The result of a scan: artifacts sorted by path, and the report.

@@ -17,7 +17,7 @@
 //! opened.
 
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -26,7 +26,7 @@ use walkdir::{DirEntryExt, WalkDir};
 use super::hash::HashJob;
 use super::progress::ScanProgress;
 use super::rules::Class;
-use super::scan::{Root, ScanReport};
+use super::tree::{mtime_ms, type_name, Root, ScanReport};
 use super::{AamError, Rules};
 
 /// What the walk found for one classified entry.
@@ -56,33 +56,6 @@ pub enum Content {
 pub struct Walked {
     pub found: Vec<Found>,
     pub report: ScanReport,
-}
-
-/// What a file type is, for warnings.
-pub(crate) fn type_name(ft: &fs::FileType) -> &'static str {
-    if ft.is_fifo() {
-        "a FIFO"
-    } else if ft.is_socket() {
-        "a socket"
-    } else if ft.is_block_device() {
-        "a block device"
-    } else if ft.is_char_device() {
-        "a character device"
-    } else if ft.is_dir() {
-        "a directory"
-    } else if ft.is_symlink() {
-        "a symbolic link"
-    } else if ft.is_file() {
-        "a regular file"
-    } else {
-        "an unknown kind of file"
-    }
-}
-
-pub(crate) fn mtime_ms(md: &fs::Metadata) -> Option<i64> {
-    md.mtime()
-        .checked_mul(1000)?
-        .checked_add(md.mtime_nsec() / 1_000_000)
 }
 
 /// The '/'-separated path of `path` below `root`, or `None` when a name is not UTF-8.

@@ -164,7 +164,7 @@ pub fn run(cli: &Cli, a: &AamArgs) -> anyhow::Result<ExitCode> {
     let mut w = BufWriter::new(out.lock());
     if a.publish {
         let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
-        let confirmed = super::publish::runtime()?.block_on(async {
+        let confirmed = super::runtime()?.block_on(async {
             let pcfg = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
             let mut p = Publisher::<u64>::connect(pcfg).await?;
             for (seq, env) in envs.iter().enumerate() {

@@ -144,7 +144,7 @@ pub fn run(cli: &Cli, a: &BesArgs) -> anyhow::Result<ExitCode> {
     if !matches!(bcfg.auth, Auth::None) && bcfg.tls.is_none() && !a.listen.ip().is_loopback() {
         tracing::warn!("credentials are checked without TLS on a non-loopback address");
     }
-    super::publish::runtime()?.block_on(async {
+    super::runtime()?.block_on(async {
         let mut backend = bes::start(bcfg, Arc::new(ctx)).await?;
         eprintln!("buildbus bes: listening on {}", backend.addr);
         let interrupted = tokio::select! {
@@ -203,7 +203,7 @@ pub fn replay(_cli: &Cli, a: &BesReplayArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--header {h:?} must be NAME=VALUE"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    super::publish::runtime()?.block_on(async {
+    super::runtime()?.block_on(async {
         for path in &a.captures {
             let calls = capture::read_capture(path)?;
             let r = capture::replay(&a.to, calls, &headers).await?;

@@ -82,7 +82,7 @@ pub fn run(cli: &Cli, a: &BitbakeLiveArgs) -> anyhow::Result<ExitCode> {
     opts.listen = a.listen;
     opts.keep_observing = a.keep_observing;
     let scanner = a.artifacts.scanner(cli.quiet)?;
-    let rt = super::publish::runtime()?;
+    let rt = super::runtime()?;
     rt.block_on(async {
         let (interrupter, interrupts) = interrupt_channel();
         interrupter.forward_ctrl_c();

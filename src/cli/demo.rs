@@ -123,7 +123,7 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default()
         ),
     );
-    let rt = super::publish::runtime()?;
+    let rt = super::runtime()?;
     let published = rt.block_on(async {
         let mut p =
             Publisher::<u64>::connect(PublisherConfig::new(&url, &cfg.bus.exchange_prefix)).await?;

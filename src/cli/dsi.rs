@@ -70,7 +70,7 @@ pub fn run(cli: &Cli, a: &DsiArgs) -> anyhow::Result<ExitCode> {
     };
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DsiStats::default());
-    super::publish::runtime()?.block_on(async {
+    super::runtime()?.block_on(async {
         {
             let stop = stop.clone();
             tokio::spawn(async move {

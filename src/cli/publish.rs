@@ -89,17 +89,10 @@ pub struct SetupArgs {
     pub url: Option<String>,
 }
 
-/// A tokio runtime for one command.
-pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
-}
-
 pub fn setup(cli: &Cli, a: &SetupArgs) -> anyhow::Result<ExitCode> {
     let (cfg, _) = super::context(cli.config.as_deref(), &FieldArgs::default())?;
     let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
-    runtime()?.block_on(async {
+    super::runtime()?.block_on(async {
         let conn = connect::connect(&url, Some(Duration::from_secs(30))).await?;
         let ch = conn.create_channel().await?;
         Topology::new(&cfg.bus.exchange_prefix)
@@ -121,7 +114,7 @@ pub fn publish(cli: &Cli, a: &PublishArgs) -> anyhow::Result<ExitCode> {
         .checkpoint_dir
         .clone()
         .unwrap_or_else(checkpoint::default_dir);
-    runtime()?.block_on(async {
+    super::runtime()?.block_on(async {
         {
             let stop = stop.clone();
             tokio::spawn(async move {

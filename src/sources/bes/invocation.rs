@@ -38,14 +38,16 @@ use tonic::Status;
 use super::proto::v1::build_event::Event as BesEvent;
 use super::proto::v1::{OrderedBuildEvent, PublishBuildToolEventStreamResponse, StreamId};
 use super::proto::BAZEL_EVENT_TYPE;
-use super::server::Shared;
+use super::spool::Spool;
 use super::spool::{Record, SpoolFile};
 use crate::bus::message::Outgoing;
 use crate::bus::publish::Publisher;
+use crate::bus::publish::PublisherConfig;
 use crate::bus::BusError;
 use crate::decode::bep::codec::Needs;
 use crate::model::{Envelope, SourceMeta};
 use crate::systems::bazel::BazelTranslator;
+use crate::systems::Context;
 use crate::systems::Translator;
 
 /// Events held back while waiting for a missing sequence number, at most.
@@ -109,9 +111,28 @@ pub struct InvocationStats {
     pub replayed: u64,
 }
 
+/// Called with every `build finished` message; returns messages to publish after it
+/// (the artifact scan of `--build-dir`).
+pub type FinishedHook = Arc<dyn Fn(&Envelope) -> Vec<Envelope> + Send + Sync>;
+
+/// What every invocation of one backend shares, fixed when the backend starts.
+pub struct Settings {
+    pub ctx: Arc<Context>,
+    pub publisher: Option<PublisherConfig>,
+    pub spool: Option<Spool>,
+    pub idle_timeout: Duration,
+    pub linger: Duration,
+    pub on_finished: Option<FinishedHook>,
+    /// Shown in every message's `_meta.source.origin`.
+    pub origin: String,
+}
+
+/// Called with the task's command channel when an invocation's task ends.
+pub type OnEnd = Box<dyn FnOnce(&mpsc::Sender<Cmd>) + Send>;
+
 pub struct Invocation {
     id: String,
-    shared: Arc<Shared>,
+    shared: Arc<Settings>,
     translator: BazelTranslator,
     /// What the decoder keeps of an event for this translator.
     needs: Needs,
@@ -142,17 +163,22 @@ pub struct Invocation {
 
 impl Invocation {
     /// Starts an invocation's task; returns its command channel.
-    pub fn spawn(id: String, first_seq: i64, shared: Arc<Shared>) -> mpsc::Sender<Cmd> {
+    pub fn spawn(
+        id: String,
+        first_seq: i64,
+        shared: Arc<Settings>,
+        facts: Vec<(String, String)>,
+        on_end: OnEnd,
+    ) -> mpsc::Sender<Cmd> {
         let (tx, rx) = mpsc::channel(1024);
         let task_tx = tx.clone();
         tokio::spawn(async move {
             let id2 = id.clone();
-            let shared2 = Arc::clone(&shared);
-            match Invocation::start(id, first_seq, shared).await {
+            match Invocation::start(id, first_seq, shared, facts).await {
                 Ok(inv) => inv.run(rx).await,
                 Err(e) => tracing::error!("invocation {id2}: cannot start: {e}"),
             }
-            shared2.forget(&id2, &task_tx);
+            on_end(&task_tx);
         });
         tx
     }
@@ -160,7 +186,8 @@ impl Invocation {
     async fn start(
         id: String,
         first_seq: i64,
-        shared: Arc<Shared>,
+        shared: Arc<Settings>,
+        facts: Vec<(String, String)>,
     ) -> Result<Invocation, BusError> {
         let source = SourceMeta {
             system: "bazel".into(),
@@ -169,7 +196,7 @@ impl Invocation {
             tool_version: None,
         };
         let mut translator = BazelTranslator::new(Arc::clone(&shared.ctx), source);
-        for (k, v) in shared.facts_of(&id) {
+        for (k, v) in facts {
             translator.set_metadata(&k, &v);
         }
         let out = match &shared.publisher {

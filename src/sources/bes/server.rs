@@ -29,7 +29,7 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::invocation::{Cmd, Invocation, DEFAULT_LINGER};
+use super::invocation::{Cmd, Invocation, Settings, DEFAULT_LINGER};
 use super::proto::v1::build_event::Event as BesEvent;
 use super::proto::v1::publish_build_event_server::{PublishBuildEvent, PublishBuildEventServer};
 use super::proto::v1::{
@@ -38,12 +38,10 @@ use super::proto::v1::{
 };
 use super::spool::Spool;
 use crate::bus::publish::PublisherConfig;
-use crate::model::{time, Envelope};
+use crate::model::time;
 use crate::systems::Context;
 
-/// Called with every `build finished` message; returns messages to publish after it
-/// (the artifact scan of `--build-dir`).
-pub type FinishedHook = Arc<dyn Fn(&Envelope) -> Vec<Envelope> + Send + Sync>;
+pub use super::invocation::FinishedHook;
 
 /// How callers must authenticate.
 #[derive(Debug, Clone, Default)]
@@ -117,16 +115,10 @@ impl BesConfig {
     }
 }
 
-/// What the invocation tasks share.
+/// What the service's calls share: the invocations' settings, their tasks, and the
+/// lifecycle facts.
 pub struct Shared {
-    pub ctx: Arc<Context>,
-    pub publisher: Option<PublisherConfig>,
-    pub spool: Option<Spool>,
-    pub idle_timeout: Duration,
-    pub linger: Duration,
-    pub on_finished: Option<FinishedHook>,
-    /// Shown in every message's `_meta.source.origin`.
-    pub origin: String,
+    settings: Arc<Settings>,
     invocations: Mutex<HashMap<String, mpsc::Sender<Cmd>>>,
     /// Lifecycle facts by invocation id, and by BES build id until an invocation
     /// of that build is known.
@@ -169,7 +161,21 @@ impl Shared {
         if let Some(tx) = map.get(invocation).filter(|t| !t.is_closed()) {
             return tx.clone();
         }
-        let tx = Invocation::spawn(invocation.to_string(), first_seq, Arc::clone(self));
+        let facts = self.facts_of(invocation);
+        let me = Arc::downgrade(self);
+        let id = invocation.to_string();
+        let on_end = Box::new(move |tx: &mpsc::Sender<Cmd>| {
+            if let Some(shared) = me.upgrade() {
+                shared.forget(&id, tx);
+            }
+        });
+        let tx = Invocation::spawn(
+            invocation.to_string(),
+            first_seq,
+            Arc::clone(&self.settings),
+            facts,
+            on_end,
+        );
         map.insert(invocation.to_string(), tx.clone());
         tx
     }
@@ -283,13 +289,15 @@ pub async fn start(cfg: BesConfig, ctx: Arc<Context>) -> Result<Backend, BesErro
     })?;
     let scheme = if cfg.tls.is_some() { "grpcs" } else { "grpc" };
     let shared = Arc::new(Shared {
-        ctx,
-        publisher: cfg.publisher.clone(),
-        spool,
-        idle_timeout: cfg.idle_timeout,
-        linger: DEFAULT_LINGER.min(cfg.idle_timeout),
-        on_finished: cfg.on_finished.clone(),
-        origin: format!("{scheme}://{addr}"),
+        settings: Arc::new(Settings {
+            ctx,
+            publisher: cfg.publisher.clone(),
+            spool,
+            idle_timeout: cfg.idle_timeout,
+            linger: DEFAULT_LINGER.min(cfg.idle_timeout),
+            on_finished: cfg.on_finished.clone(),
+            origin: format!("{scheme}://{addr}"),
+        }),
         invocations: Mutex::new(HashMap::new()),
         facts: Mutex::new(HashMap::new()),
         build_facts: Mutex::new(HashMap::new()),
