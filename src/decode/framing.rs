@@ -14,7 +14,7 @@ use std::io::{BufRead, ErrorKind};
 
 use super::error::{InputError, Position, Reason};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Framing {
     JsonLines,
     Varint,

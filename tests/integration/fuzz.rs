@@ -33,7 +33,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
-        for (format, name) in [(Some(Format::BepJson), "x.json"), (Some(Format::BepBinary), "x.bin"), (None, "x")] {
+        for (format, name) in [(Some(buildbus::systems::bazel::BEP_JSON), "x.json"), (Some(buildbus::systems::bazel::BEP_BINARY), "x.bin"), (None, "x")] {
             let (_, report) = run(&bytes, format, name);
             prop_assert!(report.events as usize <= bytes.len() + 1);
         }
@@ -60,10 +60,14 @@ proptest! {
 #[test]
 fn a_prefix_of_a_stream_gives_a_prefix_of_its_messages() {
     let data = std::fs::read(fixture("bazel/test_mixed.json")).unwrap();
-    let (all, _) = run(&data, Some(Format::BepJson), "t.json");
+    let (all, _) = run(&data, Some(buildbus::systems::bazel::BEP_JSON), "t.json");
     let mut last = 0;
     for cut in (0..data.len()).step_by(997) {
-        let (n, _) = run(&data[..cut], Some(Format::BepJson), "t.json");
+        let (n, _) = run(
+            &data[..cut],
+            Some(buildbus::systems::bazel::BEP_JSON),
+            "t.json",
+        );
         assert!(n <= all);
         // Messages are only held, never lost: longer prefixes never give fewer.
         assert!(n + 40 >= last, "cut {cut}: {n} after {last}");

@@ -35,7 +35,7 @@ use buildbus::sources::bes::proto::v1::{
 };
 use buildbus::sources::bes::proto::BAZEL_EVENT_TYPE;
 use buildbus::sources::bes::{self, BesConfig};
-use buildbus::sources::file::{translate_file, Format};
+use buildbus::sources::file::translate_file;
 use buildbus::systems::Context;
 use buildbus_testkit::RabbitNode;
 
@@ -140,10 +140,15 @@ pub fn run(_cli: &Cli, a: &BesBench) -> anyhow::Result<ExitCode> {
     for _ in 0..3 {
         let mut count = 0u64;
         let t = Instant::now();
-        let r = translate_file(&bin, Some(Format::BepBinary), &ctx, &mut |env| {
-            count += 1;
-            std::hint::black_box(env.to_json());
-        });
+        let r = translate_file(
+            &bin,
+            Some(buildbus::systems::bazel::BEP_BINARY),
+            &ctx,
+            &mut |env| {
+                count += 1;
+                std::hint::black_box(env.to_json());
+            },
+        );
         file_best = file_best.min(t.elapsed().as_secs_f64());
         ensure!(r.clean(), "baseline translation: {:?}", r.errors);
         messages = count;

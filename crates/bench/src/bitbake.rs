@@ -18,7 +18,7 @@ use base64::Engine as _;
 use clap::Args;
 
 use super::Cli;
-use buildbus::sources::file::{translate_file, Format};
+use buildbus::sources::file::translate_file;
 use buildbus::systems::Context;
 
 /// Options of `bench bitbake`.
@@ -107,10 +107,15 @@ pub fn run(_cli: &Cli, a: &BitbakeBench) -> anyhow::Result<ExitCode> {
         base_s = base_s.min(s);
         let t = Instant::now();
         let mut m = 0u64;
-        let r = translate_file(&big, Some(Format::BitbakeEventlog), &ctx, &mut |env| {
-            std::hint::black_box(env.to_json());
-            m += 1;
-        });
+        let r = translate_file(
+            &big,
+            Some(buildbus::systems::bitbake::EVENTLOG),
+            &ctx,
+            &mut |env| {
+                std::hint::black_box(env.to_json());
+                m += 1;
+            },
+        );
         anyhow::ensure!(r.clean(), "translation errors: {:?}", r.errors.first());
         ours_s = ours_s.min(t.elapsed().as_secs_f64());
         messages = m;

@@ -522,12 +522,12 @@ fn decode_only(path: &Path, format: Format, ctx: &Context) -> anyhow::Result<Pas
     let reader = BufReader::with_capacity(READ_BUF, file);
     let origin = path.display().to_string();
     let mut framer = Framer::new(reader, format.framing(), &origin, ctx.max_event_bytes);
-    if format == Format::BitbakeEventlog {
+    if format == buildbus::systems::bitbake::EVENTLOG {
         anyhow::bail!("bench translate measures Bazel streams only");
     }
     // What translation keeps of a binary event, as `translate_file` decodes it.
     let needs = buildbus::systems::bazel::BazelTranslator::decode_needs(ctx);
-    let binary = format == Format::BepBinary;
+    let binary = format == buildbus::systems::bazel::BEP_BINARY;
     let decode = |b: &[u8]| codec::decode(b, binary, &needs);
     let (mut events, mut bytes) = (0u64, 0u64);
     loop {
@@ -898,11 +898,11 @@ pub fn run(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
     let mut hwm = Vec::new();
     let mut reset_ok = true;
     for (format, path, w) in [
-        (Format::BepJson, &big_json, &wj),
-        (Format::BepBinary, &big_bin, &wb),
+        (buildbus::systems::bazel::BEP_JSON, &big_json, &wj),
+        (buildbus::systems::bazel::BEP_BINARY, &big_bin, &wb),
     ] {
         let label = match format {
-            Format::BepJson => "json",
+            buildbus::systems::bazel::BEP_JSON => "json",
             _ => "binary",
         };
         let names: Vec<String> = stages.iter().map(|s| s.name(label)).collect();
@@ -912,7 +912,7 @@ pub fn run(cli: &Cli, a: &TranslateBench) -> anyhow::Result<ExitCode> {
             &names,
             |k| match stages[k] {
                 Stage::Baseline => match format {
-                    Format::BepJson => baseline_json(path),
+                    buildbus::systems::bazel::BEP_JSON => baseline_json(path),
                     _ => baseline_bin(path),
                 },
                 Stage::Decode => decode_only(path, format, &ctx),
@@ -1147,14 +1147,18 @@ mod tests {
         let wb = write_stream(&b, &bs, per_cycle * 2, 7, false).unwrap();
         assert_eq!(wj.builds, 10);
         assert_eq!(wb.builds, 10);
-        let tj = translate(&j, Some(Format::BepJson), &ctx, true).unwrap();
-        let tb = translate(&b, Some(Format::BepBinary), &ctx, true).unwrap();
+        let tj = translate(&j, Some(buildbus::systems::bazel::BEP_JSON), &ctx, true).unwrap();
+        let tb = translate(&b, Some(buildbus::systems::bazel::BEP_BINARY), &ctx, true).unwrap();
         assert_eq!(
-            decode_only(&j, Format::BepJson, &ctx).unwrap().events,
+            decode_only(&j, buildbus::systems::bazel::BEP_JSON, &ctx)
+                .unwrap()
+                .events,
             wj.events
         );
         assert_eq!(
-            decode_only(&b, Format::BepBinary, &ctx).unwrap().events,
+            decode_only(&b, buildbus::systems::bazel::BEP_BINARY, &ctx)
+                .unwrap()
+                .events,
             wb.events
         );
         assert_eq!(tj.events, wj.events);

@@ -14,94 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::decode::bep::codec;
 use crate::decode::error::{InputError, Reason};
 use crate::decode::framing::{Framer, Framing, Next};
 use crate::model::{Envelope, SourceMeta};
-use crate::systems::bazel::BazelTranslator;
-use crate::systems::bitbake::codec::{self as bb_codec, BbEvent};
-use crate::systems::bitbake::BitbakeTranslator;
-use crate::systems::{Context, Emit, Translator};
-
-/// The input formats buildbus reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Format {
-    /// Bazel `--build_event_json_file`.
-    BepJson,
-    /// Bazel `--build_event_binary_file`.
-    BepBinary,
-    /// BitBake event log (`bitbake -w FILE`).
-    BitbakeEventlog,
-}
-
-impl Format {
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::BepJson => "bep-json",
-            Format::BepBinary => "bep-binary",
-            Format::BitbakeEventlog => "bitbake-eventlog",
-        }
-    }
-
-    pub fn system(self) -> &'static str {
-        match self {
-            Format::BepJson | Format::BepBinary => "bazel",
-            Format::BitbakeEventlog => "bitbake",
-        }
-    }
-
-    pub fn framing(self) -> Framing {
-        match self {
-            Format::BepJson | Format::BitbakeEventlog => Framing::JsonLines,
-            Format::BepBinary => Framing::Varint,
-        }
-    }
-
-    /// Parses a `--format` value; `auto` gives `None`.
-    pub fn parse(s: &str) -> Result<Option<Format>, String> {
-        match s {
-            "auto" => Ok(None),
-            "bep-json" => Ok(Some(Format::BepJson)),
-            "bep-binary" => Ok(Some(Format::BepBinary)),
-            other => Err(format!(
-                "unknown format {other:?} (auto, bep-json, bep-binary)"
-            )),
-        }
-    }
-
-    /// Tells the format from the file name, else from the first bytes.
-    pub fn detect(path: &Path, head: &[u8]) -> Result<Format, Reason> {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        let first_line = head.split(|&b| b == b'\n').next().unwrap_or(head);
-        let bitbake = |l: &[u8]| {
-            let l = String::from_utf8_lossy(&l[..l.len().min(4096)]).replace(' ', "");
-            l.starts_with("{\"allvariables\"")
-                || (l.contains("\"class\":") && l.contains("\"vars\":"))
-        };
-        match ext {
-            "eventlog" => return Ok(Format::BitbakeEventlog),
-            "json" | "jsonl" | "ndjson" if bitbake(first_line) => {
-                return Ok(Format::BitbakeEventlog)
-            }
-            "json" | "jsonl" | "ndjson" => return Ok(Format::BepJson),
-            "bin" | "pb" | "binpb" => return Ok(Format::BepBinary),
-            _ => {}
-        }
-        let first = head.iter().find(|b| !b.is_ascii_whitespace());
-        match first {
-            None => Err(Reason::Empty),
-            Some(b'{') if bitbake(first_line) => Ok(Format::BitbakeEventlog),
-            Some(b'{') => Ok(Format::BepJson),
-            // A BEP binary frame starts with a varint length, then field 1 (id), wire type 2.
-            Some(_) if head.iter().skip_while(|&&b| b & 0x80 != 0).nth(1) == Some(&0x0a) => {
-                Ok(Format::BepBinary)
-            }
-            Some(_) => Err(Reason::Format(
-                "neither JSON lines nor varint-delimited protobuf; pass --format".into(),
-            )),
-        }
-    }
-}
+pub use crate::systems::Format;
+use crate::systems::{system, Context, Emit, StreamTranslator};
 
 /// What happened while reading one input.
 #[derive(Debug, Clone, Default)]
@@ -144,9 +61,6 @@ pub enum Progress {
     Through(u64),
 }
 
-/// Decodes one framed event.
-pub type Decoder<'a, E> = dyn Fn(&[u8]) -> Result<E, Reason> + 'a;
-
 /// Where a reader reports to.
 pub type Sink<'a> = dyn FnMut(Progress) + 'a;
 
@@ -161,10 +75,9 @@ pub struct Follow {
 
 /// Feeds framed events to a translator until the data ends; returns the partial frame
 /// left at the end (if any), for the caller to judge (a follower waits for more).
-pub fn pump<R: BufRead, T: Translator>(
+pub fn pump<R: BufRead>(
     framer: &mut Framer<R>,
-    decode: &Decoder<'_, T::Event>,
-    tr: &mut T,
+    tr: &mut dyn StreamTranslator,
     report: &mut StreamReport,
     out: &mut Sink<'_>,
 ) -> Option<crate::decode::framing::Frame> {
@@ -172,15 +85,16 @@ pub fn pump<R: BufRead, T: Translator>(
         match framer.next_frame() {
             Next::Frame(f) => {
                 report.end_offset = f.end;
-                match decode(&f.bytes) {
-                    Ok(ev) => {
+                let end = f.end;
+                let mut messages = 0;
+                let mut count = |env| {
+                    messages += 1;
+                    out(Progress::Message(env, end))
+                };
+                match tr.frame(&f.bytes, &mut count) {
+                    Ok(()) => {
                         report.events += 1;
-                        let end = f.end;
-                        let mut count = |env| {
-                            report.messages += 1;
-                            out(Progress::Message(env, end))
-                        };
-                        tr.event(ev, &mut count);
+                        report.messages += messages;
                     }
                     Err(reason) => report
                         .errors
@@ -202,20 +116,19 @@ pub fn pump<R: BufRead, T: Translator>(
 /// Runs a whole input through `tr`: to its end, or (following) until the translator
 /// says the stream is complete or `stop` is set.
 #[allow(clippy::too_many_arguments)]
-fn run<R: BufRead, T: Translator>(
+fn run<R: BufRead>(
     reader: R,
     format: Format,
     origin: &str,
     ctx: &Context,
-    decode: &Decoder<'_, T::Event>,
-    tr: &mut T,
+    tr: &mut dyn StreamTranslator,
     report: &mut StreamReport,
     follow: Option<&Follow>,
     out: &mut Sink<'_>,
 ) {
     let mut framer = Framer::new(reader, format.framing(), origin, ctx.max_event_bytes);
     let partial = loop {
-        let partial = pump(&mut framer, decode, tr, report, out);
+        let partial = pump(&mut framer, tr, report, out);
         let Some(f) = follow else { break partial };
         if report.incomplete || tr.complete() || f.stop.load(Ordering::Relaxed) {
             break partial;
@@ -243,18 +156,19 @@ fn run<R: BufRead, T: Translator>(
     if let Some(p) = partial.filter(|_| !stopped) {
         let pos = framer.position(p.start, p.index);
         // A last JSON line without its newline is fine if it is complete.
+        let end = p.end;
+        let mut messages = 0;
+        let mut count = |env| {
+            messages += 1;
+            out(Progress::Message(env, end))
+        };
         let last = (format.framing() == Framing::JsonLines && !p.bytes.is_empty())
-            .then(|| decode(&p.bytes));
+            .then(|| tr.frame(&p.bytes, &mut count));
         match last {
-            Some(Ok(ev)) => {
+            Some(Ok(())) => {
                 report.events += 1;
+                report.messages += messages;
                 report.end_offset = p.end;
-                let end = p.end;
-                let mut count = |env| {
-                    report.messages += 1;
-                    out(Progress::Message(env, end))
-                };
-                tr.event(ev, &mut count);
             }
             Some(Err(reason)) => {
                 report.incomplete = true;
@@ -391,43 +305,29 @@ fn drive<R: BufRead>(
         origin: origin.clone(),
         tool_version: None,
     };
-    match format {
-        Format::BepJson | Format::BepBinary => {
-            let mut tr = BazelTranslator::new(ctx.clone(), source);
-            let needs = BazelTranslator::decode_needs(ctx);
-            let binary = format == Format::BepBinary;
-            let decode = |b: &[u8]| codec::decode(b, binary, &needs);
-            run(
-                reader,
-                format,
-                &origin,
-                ctx,
-                &decode,
-                &mut tr,
-                &mut report,
-                follow,
-                out,
-            );
-            report.unknown = tr.stats().unknown;
-            report.builds = tr.stats().builds;
-        }
-        Format::BitbakeEventlog => {
-            let mut tr = BitbakeTranslator::new(ctx.clone(), source);
-            let decode: &Decoder<BbEvent> = &bb_codec::decode_line;
-            run(
-                reader,
-                format,
-                &origin,
-                ctx,
-                decode,
-                &mut tr,
-                &mut report,
-                follow,
-                out,
-            );
-            report.builds = tr.stats().builds;
-        }
-    }
+    let Some(sys) = system(format.system()) else {
+        return failed(
+            &origin,
+            Reason::Format(format!(
+                "no build system {:?} is registered",
+                format.system()
+            )),
+        );
+    };
+    let mut tr = sys.open(format, ctx, source);
+    run(
+        reader,
+        format,
+        &origin,
+        ctx,
+        &mut *tr,
+        &mut report,
+        follow,
+        out,
+    );
+    let stats = tr.stats();
+    report.unknown = stats.unknown;
+    report.builds = stats.builds;
     if report.events == 0 && report.errors.is_empty() {
         report
             .errors

@@ -1,8 +1,117 @@
 //! Bazel: Build Event Protocol events, translated.
 //!
 //! - [`translate`]: the live model of an invocation that turns BEP events (decoded by
-//!   [`crate::decode::bep`]) into messages.
+//!   [`crate::decode::bep`]) into messages;
+//! - this file: Bazel as a registered [`BuildSystem`] (its two file formats, how to
+//!   tell them, its derivation rules).
 
 pub mod translate;
 
+use std::sync::Arc;
+
 pub use translate::BazelTranslator;
+
+use super::{BuildSystem, Context, Emit, Format, StreamStats, StreamTranslator, Translator};
+use crate::config::{Config, DeriveRules};
+use crate::decode::bep::codec::{self, Needs};
+use crate::decode::framing::Framing;
+use crate::decode::Reason;
+use crate::model::SourceMeta;
+
+/// `--build_event_json_file`.
+pub const BEP_JSON: Format = Format {
+    name: "bep-json",
+    system: "bazel",
+    framing: Framing::JsonLines,
+};
+
+/// `--build_event_binary_file`.
+pub const BEP_BINARY: Format = Format {
+    name: "bep-binary",
+    system: "bazel",
+    framing: Framing::Varint,
+};
+
+/// Bazel in the registry ([`super::SYSTEMS`]).
+pub static BAZEL: Bazel = Bazel;
+
+/// The Bazel build system.
+#[derive(Debug)]
+pub struct Bazel;
+
+impl BuildSystem for Bazel {
+    fn name(&self) -> &'static str {
+        "bazel"
+    }
+
+    fn formats(&self) -> &'static [Format] {
+        &[BEP_JSON, BEP_BINARY]
+    }
+
+    fn by_name(&self, ext: &str, _first_line: &[u8]) -> Option<Format> {
+        match ext {
+            "json" | "jsonl" | "ndjson" => Some(BEP_JSON),
+            "bin" | "pb" | "binpb" => Some(BEP_BINARY),
+            _ => None,
+        }
+    }
+
+    fn by_content(&self, head: &[u8], _first_line: &[u8]) -> Option<Format> {
+        match head.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => Some(BEP_JSON),
+            // A BEP binary frame starts with a varint length, then field 1 (id), wire
+            // type 2.
+            Some(_) if head.iter().skip_while(|&&b| b & 0x80 != 0).nth(1) == Some(&0x0a) => {
+                Some(BEP_BINARY)
+            }
+            _ => None,
+        }
+    }
+
+    fn derive_rules<'c>(&self, cfg: &'c Config) -> &'c DeriveRules {
+        &cfg.bazel.derive
+    }
+
+    fn open(
+        &self,
+        format: Format,
+        ctx: &Arc<Context>,
+        source: SourceMeta,
+    ) -> Box<dyn StreamTranslator> {
+        Box::new(BazelStream {
+            needs: BazelTranslator::decode_needs(ctx),
+            binary: format == BEP_BINARY,
+            tr: BazelTranslator::new(Arc::clone(ctx), source),
+        })
+    }
+}
+
+/// A BEP file: the JSON or binary codec, then the translator.
+struct BazelStream {
+    tr: BazelTranslator,
+    needs: Needs,
+    binary: bool,
+}
+
+impl StreamTranslator for BazelStream {
+    fn frame(&mut self, bytes: &[u8], out: &mut Emit<'_>) -> Result<(), Reason> {
+        let ev = codec::decode(bytes, self.binary, &self.needs)?;
+        self.tr.event(ev, out);
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut Emit<'_>) {
+        self.tr.finish(out)
+    }
+
+    fn complete(&self) -> bool {
+        self.tr.complete()
+    }
+
+    fn stats(&self) -> StreamStats {
+        StreamStats {
+            builds: self.tr.stats().builds,
+            unknown: self.tr.stats().unknown,
+        }
+    }
+}

@@ -3,10 +3,105 @@
 //! - [`codec`]: one event-log line (an event, or the build's variables) to a typed
 //!   event, through the non-executing [pickle reader](crate::decode::pickle);
 //! - [`pyformat`]: Python's `%`-formatting of log records;
-//! - [`translate`]: the live model of a BitBake command that turns events into messages.
+//! - [`translate`]: the live model of a BitBake command that turns events into messages;
+//! - this file: BitBake as a registered [`BuildSystem`] (the event-log format, how to
+//!   tell it, its derivation rules).
 
 pub mod codec;
 pub mod pyformat;
 pub mod translate;
 
+use std::sync::Arc;
+
 pub use translate::BitbakeTranslator;
+
+use super::{BuildSystem, Context, Emit, Format, StreamStats, StreamTranslator, Translator};
+use crate::config::{Config, DeriveRules};
+use crate::decode::framing::Framing;
+use crate::decode::Reason;
+use crate::model::SourceMeta;
+
+/// The event log of `bitbake -w FILE`: JSON lines of base64 pickles.
+pub const EVENTLOG: Format = Format {
+    name: "bitbake-eventlog",
+    system: "bitbake",
+    framing: Framing::JsonLines,
+};
+
+/// BitBake in the registry ([`super::SYSTEMS`]).
+pub static BITBAKE: Bitbake = Bitbake;
+
+/// The BitBake build system.
+#[derive(Debug)]
+pub struct Bitbake;
+
+/// Whether a first line is an event log's: the variables line, or an event line.
+fn is_eventlog_line(l: &[u8]) -> bool {
+    let l = String::from_utf8_lossy(&l[..l.len().min(4096)]).replace(' ', "");
+    l.starts_with("{\"allvariables\"") || (l.contains("\"class\":") && l.contains("\"vars\":"))
+}
+
+impl BuildSystem for Bitbake {
+    fn name(&self) -> &'static str {
+        "bitbake"
+    }
+
+    fn formats(&self) -> &'static [Format] {
+        &[EVENTLOG]
+    }
+
+    fn by_name(&self, ext: &str, first_line: &[u8]) -> Option<Format> {
+        match ext {
+            "eventlog" => Some(EVENTLOG),
+            "json" | "jsonl" | "ndjson" if is_eventlog_line(first_line) => Some(EVENTLOG),
+            _ => None,
+        }
+    }
+
+    fn by_content(&self, head: &[u8], first_line: &[u8]) -> Option<Format> {
+        let first = head.iter().find(|b| !b.is_ascii_whitespace());
+        (first == Some(&b'{') && is_eventlog_line(first_line)).then_some(EVENTLOG)
+    }
+
+    fn derive_rules<'c>(&self, cfg: &'c Config) -> &'c DeriveRules {
+        &cfg.bitbake.derive
+    }
+
+    fn open(
+        &self,
+        _format: Format,
+        ctx: &Arc<Context>,
+        source: SourceMeta,
+    ) -> Box<dyn StreamTranslator> {
+        Box::new(BitbakeStream(BitbakeTranslator::new(
+            Arc::clone(ctx),
+            source,
+        )))
+    }
+}
+
+/// An event log: the line codec, then the translator.
+struct BitbakeStream(BitbakeTranslator);
+
+impl StreamTranslator for BitbakeStream {
+    fn frame(&mut self, bytes: &[u8], out: &mut Emit<'_>) -> Result<(), Reason> {
+        let ev = codec::decode_line(bytes)?;
+        self.0.event(ev, out);
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut Emit<'_>) {
+        self.0.finish(out)
+    }
+
+    fn complete(&self) -> bool {
+        self.0.complete()
+    }
+
+    fn stats(&self) -> StreamStats {
+        StreamStats {
+            builds: self.0.stats().builds,
+            unknown: 0,
+        }
+    }
+}
