@@ -17,7 +17,6 @@ use super::{AamError, Rules};
 use crate::model::{
     ArtifactPayload, BuildState, Common, Envelope, Payload, SourceMeta, DEFAULT_EXCHANGE_PREFIX,
 };
-use crate::systems::bitbake::translate::DEPLOY_VARS;
 
 /// The input format scanned artifacts say they come from (`_meta.source.format`).
 pub const SOURCE_FORMAT: &str = "aam";
@@ -104,10 +103,9 @@ pub fn artifacts_for_build(
     let vars: BTreeMap<String, String> = b
         .metadata
         .iter()
-        .filter(|(k, _)| DEPLOY_VARS.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let located = locate(dir, system, (!vars.is_empty()).then_some(&vars), rules)?;
+    let located = locate(dir, system, Some(&vars), rules)?;
     tracing::info!("aam: build {}: scanning {}", b.common.build_id, located.how);
     let scanned = scan(&located.roots, rules, opts)?;
     let prefix = finished

@@ -125,6 +125,16 @@ pub trait StreamTranslator {
     fn stats(&self) -> StreamStats;
 }
 
+/// Where a build left its artifacts: directories to scan, each with the name its files'
+/// paths start with (`deploy`, `bazel-bin`, or empty for the directory itself), and how
+/// they were found (for logs and reports). The first is the build's own tree; the
+/// others may be missing (they are then skipped with a warning).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactTrees {
+    pub trees: Vec<(std::path::PathBuf, String)>,
+    pub how: String,
+}
+
 /// One build system, as the rest of buildbus sees it.
 pub trait BuildSystem: Sync {
     /// Its name in messages (`_meta.source.system`, `payload.system`) and the config.
@@ -139,6 +149,17 @@ pub trait BuildSystem: Sync {
     fn by_content(&self, head: &[u8], first_line: &[u8]) -> Option<Format>;
     /// Its Pulse-field derivation rules in a configuration.
     fn derive_rules<'c>(&self, cfg: &'c Config) -> &'c DeriveRules;
+    /// Whether `dir` looks like a build directory of this system (`links`: the
+    /// convenience links the artifact rules name, `root_links`).
+    fn is_build_dir(&self, dir: &std::path::Path, links: &[String]) -> bool;
+    /// Where a build of this system in `dir` left its artifacts, from its finished
+    /// message's `metadata`; `None`: scan the whole directory.
+    fn artifact_trees(
+        &self,
+        dir: &std::path::Path,
+        metadata: &std::collections::BTreeMap<String, String>,
+        links: &[String],
+    ) -> Option<ArtifactTrees>;
     /// A translator for one stream of `format`.
     fn open(
         &self,

@@ -3,15 +3,19 @@
 //! - [`translate`]: the live model of an invocation that turns BEP events (decoded by
 //!   [`crate::decode::bep`]) into messages;
 //! - this file: Bazel as a registered [`BuildSystem`] (its two file formats, how to
-//!   tell them, its derivation rules).
+//!   tell them, its derivation rules, where its artifacts are).
 
 pub mod translate;
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 pub use translate::BazelTranslator;
 
-use super::{BuildSystem, Context, Emit, Format, StreamStats, StreamTranslator, Translator};
+use super::{
+    ArtifactTrees, BuildSystem, Context, Emit, Format, StreamStats, StreamTranslator, Translator,
+};
 use crate::config::{Config, DeriveRules};
 use crate::decode::bep::codec::{self, Needs};
 use crate::decode::framing::Framing;
@@ -70,6 +74,35 @@ impl BuildSystem for Bazel {
 
     fn derive_rules<'c>(&self, cfg: &'c Config) -> &'c DeriveRules {
         &cfg.bazel.derive
+    }
+
+    fn is_build_dir(&self, dir: &Path, links: &[String]) -> bool {
+        let has = |name: &str| dir.join(name).symlink_metadata().is_ok();
+        links.iter().any(|l| has(l))
+            || ["WORKSPACE", "WORKSPACE.bazel", "MODULE.bazel", "bazel-out"]
+                .iter()
+                .any(|f| has(f))
+    }
+
+    /// The workspace, plus the targets of its convenience links named in `links`
+    /// (`bazel-bin`, `bazel-testlogs`), each as a tree of its own.
+    fn artifact_trees(
+        &self,
+        dir: &Path,
+        _metadata: &BTreeMap<String, String>,
+        links: &[String],
+    ) -> Option<ArtifactTrees> {
+        let mut trees = vec![(dir.to_path_buf(), String::new())];
+        for link in links {
+            let p = dir.join(link);
+            if p.symlink_metadata().is_ok() {
+                trees.push((p, link.clone()));
+            }
+        }
+        Some(ArtifactTrees {
+            trees,
+            how: dir.display().to_string(),
+        })
     }
 
     fn open(

@@ -1,5 +1,6 @@
 //! BitBake (Yocto): event logs and live sessions, translated.
 //!
+//! - [`artifacts`]: where a build leaves its artifacts (the deploy directory);
 //! - [`codec`]: one event-log line (an event, or the build's variables) to a typed
 //!   event, through the non-executing [pickle reader](crate::decode::pickle);
 //! - [`pyformat`]: Python's `%`-formatting of log records;
@@ -7,15 +8,20 @@
 //! - this file: BitBake as a registered [`BuildSystem`] (the event-log format, how to
 //!   tell it, its derivation rules).
 
+pub mod artifacts;
 pub mod codec;
 pub mod pyformat;
 pub mod translate;
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 pub use translate::BitbakeTranslator;
 
-use super::{BuildSystem, Context, Emit, Format, StreamStats, StreamTranslator, Translator};
+use super::{
+    ArtifactTrees, BuildSystem, Context, Emit, Format, StreamStats, StreamTranslator, Translator,
+};
 use crate::config::{Config, DeriveRules};
 use crate::decode::framing::Framing;
 use crate::decode::Reason;
@@ -65,6 +71,19 @@ impl BuildSystem for Bitbake {
 
     fn derive_rules<'c>(&self, cfg: &'c Config) -> &'c DeriveRules {
         &cfg.bitbake.derive
+    }
+
+    fn is_build_dir(&self, dir: &Path, _links: &[String]) -> bool {
+        artifacts::is_build_dir(dir)
+    }
+
+    fn artifact_trees(
+        &self,
+        dir: &Path,
+        metadata: &BTreeMap<String, String>,
+        _links: &[String],
+    ) -> Option<ArtifactTrees> {
+        artifacts::trees(dir, metadata)
     }
 
     fn open(
