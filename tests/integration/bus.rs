@@ -194,18 +194,32 @@ fn broker_outage_during_publish_loses_nothing() {
     let rt = rt();
     let url2 = url.clone();
     let paths2 = paths.clone();
+    // The publisher goes on over the copies until the broker is back (then one more
+    // round), so the outage always falls in the middle of publishing, however slowly
+    // a loaded machine stops the broker. Bounded: at most 40 rounds.
+    let restarted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let restarted2 = Arc::clone(&restarted);
     let publisher = rt.spawn(async move {
         let mut cfg = PublisherConfig::new(&url2, DEFAULT_EXCHANGE_PREFIX);
         cfg.window = 16;
         let mut p = Publisher::<u64>::connect(cfg).await.expect("connect");
         let ctx = Arc::new(Context::builtin());
         let mut total = 0;
-        for path in &paths2 {
-            let r = publish_file(&mut p, path, ctx.clone(), &FileOptions::default(), 16)
-                .await
-                .expect("publish survives the outage");
-            total += r.published;
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut after_restart = 0;
+        for _round in 0..40 {
+            for path in &paths2 {
+                let r = publish_file(&mut p, path, ctx.clone(), &FileOptions::default(), 16)
+                    .await
+                    .expect("publish survives the outage");
+                total += r.published;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if restarted2.load(std::sync::atomic::Ordering::SeqCst) {
+                after_restart += 1;
+                if after_restart > 1 {
+                    break;
+                }
+            }
         }
         let (_, stats) = p.close().await.expect("close");
         (total, stats)
@@ -214,6 +228,7 @@ fn broker_outage_during_publish_loses_nothing() {
     node.stop().expect("stop broker");
     std::thread::sleep(Duration::from_secs(2));
     node.start_again().expect("start broker");
+    restarted.store(true, std::sync::atomic::Ordering::SeqCst);
     let (total, stats) = rt.block_on(publisher).expect("publisher task");
     assert!(stats.reconnects >= 1, "the outage was noticed: {stats:?}");
     let got = rt.block_on(drain(&url, DSI_QUEUE));
