@@ -9,9 +9,8 @@
 # something has to be installed.
 #
 # The tests never use the system-wide broker or cluster: they start private
-# ones (crates/testkit). So after installing rabbitmq-server this script makes sure
-# the Debian package's own service is stopped and not enabled, so that it does
-# not sit on 5672/25672/4369 or use CPU during CI.
+# ones (crates/testkit) beside whatever else runs here. This script never
+# stops, disables or kills anything it did not start.
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -64,40 +63,27 @@ if ! have rabbitmq-server || ! have rabbitmqctl; then
     installed_rabbit=1
 fi
 
-# Keep the Debian package's own broker (node rabbit@HOST on 5672/25672, and
-# its epmd on 4369) out of the way. Only done right after installing, or when
-# such a broker is found running: a quiet no-op otherwise.
-system_broker_running() {
-    # The packaged service runs as user rabbitmq; our private nodes run as
-    # whoever runs the tests (root in CI) and are never touched here.
-    pgrep -u rabbitmq -f 'beam.*rabbit' >/dev/null 2>&1
-}
-if [ "$installed_rabbit" -eq 1 ] || system_broker_running; then
-    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-        $SUDO systemctl disable --now rabbitmq-server >/dev/null 2>&1 || true
-    elif command -v update-rc.d >/dev/null 2>&1; then
-        $SUDO update-rc.d rabbitmq-server disable >/dev/null 2>&1 || true
-    fi
-    if system_broker_running; then
-        log "stopping the system rabbitmq-server service"
+# The package's own broker (node rabbit@HOST on 5672/25672) is not ours to
+# manage. The tests never use it: they start private nodes with their own
+# ports, node names, data directories and epmd port (crates/testkit), so they
+# run beside any broker already on this machine. This script therefore never
+# stops, disables or kills a broker. policy-rc.d above keeps the package from
+# starting its service while we install it; if it started anyway, it is the
+# service we just installed, and only then do we ask its init script (never
+# pkill: user rabbitmq runs everyone's nodes) to stop it.
+if [ "$installed_rabbit" -eq 1 ] && command -v service >/dev/null 2>&1; then
+    if $SUDO service rabbitmq-server status >/dev/null 2>&1; then
+        log "stopping the rabbitmq-server service this script just installed"
         $SUDO service rabbitmq-server stop >/dev/null 2>&1 || true
-        for _ in $(seq 1 20); do
-            system_broker_running || break
-            sleep 0.5
-        done
-        if system_broker_running; then
-            $SUDO pkill -KILL -u rabbitmq -f 'beam.*rabbit' || true
-        fi
     fi
-    # The service's epmd (run as user rabbitmq) would hold 4369; ours use
-    # their own epmd ports, but leave nothing of the package's behind.
-    $SUDO pkill -u rabbitmq -x epmd >/dev/null 2>&1 || true
 fi
 
 if [ ! -x "$PG_BIN/initdb" ]; then
     apt_install postgresql-15
-    # Debian creates and may start a default cluster "15/main" on 5432; the
-    # tests use private clusters, so stop it and keep it from autostarting.
+    # Debian creates a default cluster "15/main" on 5432 (policy-rc.d keeps it
+    # from starting during the install). The tests use private clusters: keep
+    # the one just created from autostarting, and stop it only if it did start
+    # (it is then the one this script installed).
     if command -v pg_ctlcluster >/dev/null 2>&1; then
         $SUDO pg_ctlcluster 15 main stop >/dev/null 2>&1 || true
         if [ -f /etc/postgresql/15/main/start.conf ]; then
