@@ -12,7 +12,8 @@ use clap::Args;
 
 use super::{Cli, FieldArgs};
 use crate::bus::publish::PublisherConfig;
-use crate::sources::bes::{self, capture, Auth, BesConfig};
+use crate::pipeline;
+use crate::sources::bes::{capture, Auth, BesConfig};
 use crate::sources::file::checkpoint;
 
 const BES_EXAMPLES: &str = "\
@@ -138,14 +139,12 @@ pub fn run(cli: &Cli, a: &BesArgs) -> anyhow::Result<ExitCode> {
         let key = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
         bcfg.tls = Some((cert, key));
     }
-    if let Some(scanner) = a.artifacts.scanner(cli.quiet)? {
-        bcfg.on_finished = Some(Arc::new(move |env| scanner.after(env)));
-    }
+    bcfg.artifacts = a.artifacts.scanner(cli.quiet)?;
     if !matches!(bcfg.auth, Auth::None) && bcfg.tls.is_none() && !a.listen.ip().is_loopback() {
         tracing::warn!("credentials are checked without TLS on a non-loopback address");
     }
     super::runtime()?.block_on(async {
-        let mut backend = bes::start(bcfg, Arc::new(ctx)).await?;
+        let mut backend = pipeline::bes::start(bcfg, Arc::new(ctx)).await?;
         eprintln!("buildbus bes: listening on {}", backend.addr);
         let interrupted = tokio::select! {
             r = tokio::signal::ctrl_c() => {

@@ -1,16 +1,15 @@
 //! `buildbus bitbake-live`: be BitBake's UI, translate its events as they come, and
 //! publish them (or print them).
 
-use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
 
 use super::{Cli, FieldArgs};
-use crate::bus::message::Outgoing;
-use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::pipeline::bitbake_live::translate_live;
+use crate::bus::publish::PublisherConfig;
+use crate::pipeline::bitbake_live::publish_live;
+use crate::pipeline::{Output, Pipeline};
 use crate::sources::bitbake_live::{interrupt_channel, LiveEnd, LiveOptions};
 
 const EXAMPLES: &str = "\
@@ -86,55 +85,17 @@ pub fn run(cli: &Cli, a: &BitbakeLiveArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         let (interrupter, interrupts) = interrupt_channel();
         interrupter.forward_ctrl_c();
-        let mut publisher = if a.print {
-            None
+        let out = if a.print {
+            Output::Print
         } else {
             let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
             let mut pcfg = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
             pcfg.window = a.window;
-            Some(Publisher::<u64>::connect(pcfg).await?)
+            Output::connect(Some(&pcfg)).await?
         };
-        let handle = tokio::runtime::Handle::current();
-        let stdout = std::io::stdout();
-        let mut seq = 0u64;
-        let mut failed: Option<anyhow::Error> = None;
-        let report = translate_live(opts, ctx, Some(interrupts), |env| {
-            if failed.is_some() {
-                return;
-            }
-            // A finished build: its artifacts go right after it (the scan blocks this
-            // thread; the build is over by then).
-            let artifacts = match &scanner {
-                Some(s) => tokio::task::block_in_place(|| s.after(&env)),
-                None => Vec::new(),
-            };
-            for env in std::iter::once(env).chain(artifacts) {
-                match publisher.as_mut() {
-                    None => {
-                        let mut w = stdout.lock();
-                        let _ = w.write_all(&env.to_json()).and_then(|_| w.write_all(b"\n"));
-                    }
-                    Some(p) => {
-                        // Wait for the window here: the session stops draining its queue
-                        // and BitBake's event calls wait, instead of memory growing.
-                        let r = tokio::task::block_in_place(|| {
-                            handle.block_on(p.publish(Outgoing::from_envelope(&env), seq))
-                        });
-                        seq += 1;
-                        if let Err(e) = r {
-                            failed = Some(e.into());
-                            return;
-                        }
-                    }
-                }
-            }
-        })
-        .await?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        if let Some(p) = publisher {
-            let (_, stats) = p.close().await?;
+        let mut pipe = Pipeline::new(a.server.clone(), out).with_artifacts(scanner.clone());
+        let report = publish_live(opts, ctx, Some(interrupts), &mut pipe).await??;
+        if let Some(stats) = pipe.close().await? {
             eprintln!(
                 "{}: {} events, {} messages published (confirmed){}",
                 a.server,

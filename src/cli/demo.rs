@@ -22,7 +22,7 @@ use crate::bus::publish::{Publisher, PublisherConfig};
 use crate::consumers::client::MonitorBuilder;
 use crate::consumers::dsi::worker::{run_pool, DsiConfig, DsiStats};
 use crate::pipeline::file::{publish_file, FileOptions};
-use crate::sources::bes::{self, capture, BesConfig};
+use crate::sources::bes::{capture, BesConfig};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -152,7 +152,7 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
             Some(PublisherConfig::new(&url, &cfg.bus.exchange_prefix)),
         );
         bcfg.spool = Some(a.dir.join("bes-spool"));
-        let backend = bes::start(bcfg, ctx.clone()).await?;
+        let backend = crate::pipeline::bes::start(bcfg, ctx.clone()).await?;
         step(t, &format!("BES backend listening on {}", backend.addr));
         let mut total = 0u64;
         for f in ["bazel/bes_capture_test.jsonl", "bazel/bes_capture_retry.jsonl"] {

@@ -7,10 +7,15 @@
 //! The sink `out` may block (a publisher waiting for confirms): the session then stops
 //! draining its queue, and BitBake's synchronous `event.sendpickle` calls wait, which is
 //! the backpressure a live source can have.
+//!
+//! [`publish_live`] is the whole pipeline: the session's messages go through a
+//! [`Pipeline`] (publisher or stdout, and the build's artifacts when it finishes).
 
 use std::sync::Arc;
 
+use crate::bus::BusError;
 use crate::model::{Envelope, SourceMeta};
+use crate::pipeline::Pipeline;
 use crate::sources::bitbake_live::{run_live_with, Interrupts, LiveError, LiveOptions, LiveReport};
 use crate::systems::bitbake::codec::{variables_from_json, BbEvent};
 use crate::systems::bitbake::BitbakeTranslator;
@@ -77,5 +82,36 @@ where
         live,
         messages,
         errors,
+    })
+}
+
+/// Runs a live session through `pipe`: every message (and a finished build's
+/// artifacts) is sent in order. Nothing is acknowledged to BitBake (its calls return
+/// once queued), so no position is marked. While the publisher's window is full the session waits (and BitBake
+/// with it). A publishing error ends the session's output; it is returned after the
+/// session ends.
+pub async fn publish_live(
+    opts: LiveOptions,
+    ctx: Arc<Context>,
+    interrupts: Option<Interrupts>,
+    pipe: &mut Pipeline<'_, u64>,
+) -> Result<Result<SessionReport, BusError>, LiveError> {
+    let handle = tokio::runtime::Handle::current();
+    let mut failed: Option<BusError> = None;
+    let report = translate_live(opts, ctx, interrupts, |env| {
+        if failed.is_some() {
+            return;
+        }
+        // Blocks this thread (the session's), not the runtime's other tasks: the
+        // artifact scan and a full window both wait here.
+        let r = tokio::task::block_in_place(|| handle.block_on(pipe.emit(&env)));
+        if let Err(e) = r {
+            failed = Some(e);
+        }
+    })
+    .await?;
+    Ok(match failed {
+        Some(e) => Err(e),
+        None => Ok(report),
     })
 }

@@ -6,7 +6,6 @@
 //! however large the file or long the outage. The checkpoint only moves to an offset
 //! once every message emitted up to that offset is confirmed.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +16,8 @@ use crate::aam::BuildScanner;
 use crate::bus::message::Outgoing;
 use crate::bus::publish::Publisher;
 use crate::bus::BusError;
+use crate::model::Envelope;
+use crate::pipeline::{is_finished_build, Output, Pipeline};
 use crate::sources::file::checkpoint;
 use crate::sources::file::{read_file, Follow, Format, Progress, StreamReport};
 use crate::systems::Context;
@@ -48,6 +49,8 @@ pub struct FileReport {
 
 enum Item {
     Message(Box<Outgoing>),
+    /// A build's `finished` message, after its [`Item::Message`]: for the AAM hook.
+    Finished(Box<Envelope>),
     Through(u64),
     Done(Box<StreamReport>, u64),
 }
@@ -71,56 +74,34 @@ pub async fn publish_file(
     let (tx, mut rx) = mpsc::channel::<Item>(window.max(16));
     let reader = {
         let path = path.to_path_buf();
-        let opts = opts.clone();
+        let format = opts.format;
+        let follow = opts.follow.clone();
+        let scan = opts.artifacts.is_some();
         tokio::task::spawn_blocking(move || {
             let mut skipped = 0;
-            let report = read_file(&path, opts.format, &ctx, opts.follow.as_ref(), &mut |p| {
-                let item = match p {
-                    Progress::Message(_, end) if end <= resume => {
-                        skipped += 1;
-                        return;
-                    }
-                    Progress::Message(env, _) => {
-                        let _ = tx
-                            .blocking_send(Item::Message(Box::new(Outgoing::from_envelope(&env))));
-                        // A finished build: its artifacts right after it, at its offset.
-                        if let Some(scanner) = &opts.artifacts {
-                            for a in scanner.after(&env) {
-                                let _ = tx.blocking_send(Item::Message(Box::new(
-                                    Outgoing::from_envelope(&a),
-                                )));
-                            }
-                        }
-                        return;
-                    }
-                    Progress::Through(end) => Item::Through(end),
-                };
+            let report = read_file(&path, format, &ctx, follow.as_ref(), &mut |p| {
                 // The receiver only goes away when publishing failed; stop quietly.
-                let _ = tx.blocking_send(item);
+                match p {
+                    Progress::Message(_, end) if end <= resume => skipped += 1,
+                    Progress::Message(env, _) => {
+                        // Serialized here, on the reader's thread.
+                        let out = Outgoing::from_envelope(&env);
+                        let _ = tx.blocking_send(Item::Message(Box::new(out)));
+                        if scan && is_finished_build(&env) {
+                            let _ = tx.blocking_send(Item::Finished(Box::new(env)));
+                        }
+                    }
+                    Progress::Through(end) => {
+                        let _ = tx.blocking_send(Item::Through(end));
+                    }
+                }
             });
             let _ = tx.blocking_send(Item::Done(Box::new(report), skipped));
         })
     };
 
-    let mut seq: u64 = 0;
-    // (messages sent before the boundary, offset): the checkpoint may move to `offset`
-    // once that many messages are confirmed.
-    let mut boundaries: VecDeque<(u64, u64)> = VecDeque::new();
-    let mut confirmed: u64 = 0;
-    let mut at = resume;
-    let mut saved_at = Instant::now();
-    let mut advance = |done: Vec<u64>, boundaries: &mut VecDeque<(u64, u64)>, at: &mut u64| {
-        if let Some(last) = done.last() {
-            confirmed = last + 1;
-        }
-        while let Some(&(count, offset)) = boundaries.front() {
-            if count > confirmed {
-                break;
-            }
-            *at = (*at).max(offset);
-            boundaries.pop_front();
-        }
-    };
+    let mut pipe = Pipeline::new(path.display().to_string(), Output::Broker(publisher))
+        .with_artifacts(opts.artifacts.clone());
     let save = |at: u64| {
         if let Some(cp) = opts.checkpoint.as_deref() {
             if let Err(e) = checkpoint::save(cp, path, at) {
@@ -128,7 +109,7 @@ pub async fn publish_file(
             }
         }
     };
-    let mut last_token_offset: Option<u64> = None;
+    let mut saved_at = Instant::now();
     let (report, skipped) = loop {
         let Some(item) = rx.recv().await else {
             return Err(BusError::Other(format!(
@@ -137,34 +118,27 @@ pub async fn publish_file(
             )));
         };
         match item {
-            Item::Message(out) => {
-                let done = publisher.publish(*out, seq).await?;
-                seq += 1;
-                advance(done, &mut boundaries, &mut at);
-            }
-            Item::Through(offset) => {
-                if last_token_offset != Some(offset) {
-                    boundaries.push_back((seq, offset));
-                    last_token_offset = Some(offset);
-                }
-            }
+            Item::Message(out) => pipe.send(*out).await?,
+            // A finished build: its artifacts right after it, at its offset.
+            Item::Finished(env) => pipe.after(&env).await?,
+            Item::Through(offset) => pipe.mark(offset),
             Item::Done(report, skipped) => break (report, skipped),
         }
         if saved_at.elapsed() > Duration::from_millis(500) {
-            save(at);
+            save(pipe.durable().unwrap_or(0).max(resume));
             saved_at = Instant::now();
         }
     };
     let _ = reader.await;
-    let done = publisher.flush().await?;
-    advance(done, &mut boundaries, &mut at);
+    pipe.flush().await?;
+    let mut at = pipe.durable().unwrap_or(0).max(resume);
     if report.incomplete {
         // Keep the checkpoint where the last complete event was.
         at = at.min(report.end_offset);
     }
     save(at);
     Ok(FileReport {
-        published: seq,
+        published: pipe.emitted(),
         skipped,
         checkpoint: at,
         stream: *report,

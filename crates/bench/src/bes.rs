@@ -25,6 +25,7 @@ use super::Cli;
 use buildbus::bus::publish::{Publisher, PublisherConfig};
 use buildbus::decode::bep::proto::build_event_stream::{build_event::Payload, BuildEvent};
 use buildbus::model::DEFAULT_EXCHANGE_PREFIX;
+use buildbus::pipeline::bes;
 use buildbus::pipeline::file::{publish_file, FileOptions};
 use buildbus::sources::bes::capture;
 use buildbus::sources::bes::proto::v1::build_event::{
@@ -34,7 +35,7 @@ use buildbus::sources::bes::proto::v1::{
     BuildEvent as BesBuildEvent, OrderedBuildEvent, PublishBuildToolEventStreamRequest, StreamId,
 };
 use buildbus::sources::bes::proto::BAZEL_EVENT_TYPE;
-use buildbus::sources::bes::{self, BesConfig};
+use buildbus::sources::bes::BesConfig;
 use buildbus::sources::file::translate_file;
 use buildbus::systems::Context;
 use buildbus_testkit::RabbitNode;

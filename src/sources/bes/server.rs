@@ -1,7 +1,7 @@
 //! The gRPC side of the BES backend: `google.devtools.build.v1.PublishBuildEvent`.
 //!
 //! - `PublishBuildToolEventStream`: each stream's requests are handed to the task of
-//!   their invocation ([`super::invocation`]), which sends the acks back on the
+//!   their invocation ([`super::task`]), which sends the acks back on the
 //!   stream's response. The RPC ends (OK) once the client half-closed and every
 //!   request it sent is acknowledged.
 //! - `PublishLifecycleEvent`: build enqueued, invocation attempt started/finished and
@@ -29,7 +29,6 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::invocation::{Cmd, Invocation, Settings, DEFAULT_LINGER};
 use super::proto::v1::build_event::Event as BesEvent;
 use super::proto::v1::publish_build_event_server::{PublishBuildEvent, PublishBuildEventServer};
 use super::proto::v1::{
@@ -37,11 +36,10 @@ use super::proto::v1::{
     PublishLifecycleEventRequest,
 };
 use super::spool::Spool;
+use super::task::{Backing, Cmd, Invocations, TaskStart, DEFAULT_LINGER};
+use crate::aam::BuildScanner;
 use crate::bus::publish::PublisherConfig;
 use crate::model::time;
-use crate::systems::Context;
-
-pub use super::invocation::FinishedHook;
 
 /// How callers must authenticate.
 #[derive(Debug, Clone, Default)]
@@ -97,7 +95,8 @@ pub struct BesConfig {
     pub auth: Auth,
     /// PEM certificate chain and key.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
-    pub on_finished: Option<FinishedHook>,
+    /// Scans the build directory when a build finishes (the AAM hook).
+    pub artifacts: Option<Arc<BuildScanner>>,
 }
 
 impl BesConfig {
@@ -110,15 +109,16 @@ impl BesConfig {
             idle_timeout: Duration::from_secs(600),
             auth: Auth::None,
             tls: None,
-            on_finished: None,
+            artifacts: None,
         }
     }
 }
 
-/// What the service's calls share: the invocations' settings, their tasks, and the
-/// lifecycle facts.
+/// What the service's calls share: how to start invocations' tasks, the tasks, and
+/// the lifecycle facts.
 pub struct Shared {
-    settings: Arc<Settings>,
+    backing: Arc<Backing>,
+    spawner: Arc<dyn Invocations>,
     invocations: Mutex<HashMap<String, mpsc::Sender<Cmd>>>,
     /// Lifecycle facts by invocation id, and by BES build id until an invocation
     /// of that build is known.
@@ -169,12 +169,14 @@ impl Shared {
                 shared.forget(&id, tx);
             }
         });
-        let tx = Invocation::spawn(
-            invocation.to_string(),
-            first_seq,
-            Arc::clone(&self.settings),
-            facts,
-            on_end,
+        let tx = self.spawner.spawn(
+            &self.backing,
+            TaskStart {
+                id: invocation.to_string(),
+                first_seq,
+                facts,
+                on_end,
+            },
         );
         map.insert(invocation.to_string(), tx.clone());
         tx
@@ -254,8 +256,10 @@ pub enum BesError {
     Tls(tonic::transport::Error),
 }
 
-/// Starts the backend on `cfg.listen` (port 0 picks a free port; see [`Backend::addr`]).
-pub async fn start(cfg: BesConfig, ctx: Arc<Context>) -> Result<Backend, BesError> {
+/// Starts the backend on `cfg.listen` (port 0 picks a free port; see [`Backend::addr`]);
+/// `spawner` starts each invocation's task. [`crate::pipeline::bes::start`] is this with
+/// the pipeline's tasks.
+pub async fn start(cfg: BesConfig, spawner: Arc<dyn Invocations>) -> Result<Backend, BesError> {
     let spool = match &cfg.spool {
         Some(dir) => Some(Spool::open(dir).map_err(|source| BesError::Spool {
             path: dir.clone(),
@@ -289,15 +293,13 @@ pub async fn start(cfg: BesConfig, ctx: Arc<Context>) -> Result<Backend, BesErro
     })?;
     let scheme = if cfg.tls.is_some() { "grpcs" } else { "grpc" };
     let shared = Arc::new(Shared {
-        settings: Arc::new(Settings {
-            ctx,
-            publisher: cfg.publisher.clone(),
+        backing: Arc::new(Backing {
             spool,
             idle_timeout: cfg.idle_timeout,
             linger: DEFAULT_LINGER.min(cfg.idle_timeout),
-            on_finished: cfg.on_finished.clone(),
             origin: format!("{scheme}://{addr}"),
         }),
+        spawner,
         invocations: Mutex::new(HashMap::new()),
         facts: Mutex::new(HashMap::new()),
         build_facts: Mutex::new(HashMap::new()),

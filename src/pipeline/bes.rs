@@ -1,9 +1,11 @@
-//! One Bazel invocation on the BES backend: order, translate, publish, acknowledge.
+//! The BES source through the pipeline: one Bazel invocation's task orders its
+//! events, translates them, publishes them and acknowledges them.
 //!
 //! Every invocation is a task of its own (an actor) that outlives the gRPC streams
-//! carrying its events: Bazel may drop a stream and open another that starts at its
-//! first unacknowledged sequence number. The task owns the invocation's translator,
-//! its confirmed publisher and its spool, and is fed by whichever stream is attached.
+//! carrying its events ([`crate::sources::bes::task`]): Bazel may drop a stream and
+//! open another that starts at its first unacknowledged sequence number. The task owns
+//! the invocation's translator, its [`Pipeline`] (confirmed publisher, AAM hook,
+//! durable sequence numbers) and its spool, and is fed by whichever stream is attached.
 //!
 //! **Order and repeats.** Events are translated in sequence-number order, each number
 //! once. A number already translated is a repeat (a retried stream): it is not
@@ -12,10 +14,9 @@
 //!
 //! **Acks mean durable.** The ack for sequence number N is sent only when every
 //! message derived from events 1..=N has been confirmed by the broker: after
-//! translating an event, the task notes how many messages had been handed to the
-//! publisher (a *mark*) unless the translator still holds messages back (the build's
-//! context is not complete), and N becomes acknowledgeable once that many messages
-//! are confirmed. While the broker is down nothing is confirmed, so acks wait and
+//! translating an event, the task marks N in the pipeline unless the translator still
+//! holds messages back (the build's context is not complete), and N becomes
+//! acknowledgeable once the pipeline says it is durable. While the broker is down nothing is confirmed, so acks wait and
 //! Bazel keeps its events; the publisher resends its unconfirmed messages when the
 //! broker is back. Acks go out in order, one per request the stream sent.
 //!
@@ -26,8 +27,7 @@
 //! **Silence.** A task that hears nothing for the configured idle timeout before the
 //! stream finished ends the build as incomplete ([`BazelTranslator::abandon`]).
 
-use std::collections::{BTreeMap, VecDeque};
-use std::io::Write;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,17 +35,18 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::Status;
 
-use super::proto::v1::build_event::Event as BesEvent;
-use super::proto::v1::{OrderedBuildEvent, PublishBuildToolEventStreamResponse, StreamId};
-use super::proto::BAZEL_EVENT_TYPE;
-use super::spool::Spool;
-use super::spool::{Record, SpoolFile};
-use crate::bus::message::Outgoing;
-use crate::bus::publish::Publisher;
-use crate::bus::publish::PublisherConfig;
+use super::{Output, Pipeline};
 use crate::bus::BusError;
 use crate::decode::bep::codec::Needs;
 use crate::model::{Envelope, SourceMeta};
+use crate::sources::bes::proto::v1::build_event::Event as BesEvent;
+use crate::sources::bes::proto::v1::{
+    OrderedBuildEvent, PublishBuildToolEventStreamResponse, StreamId,
+};
+use crate::sources::bes::proto::BAZEL_EVENT_TYPE;
+use crate::sources::bes::spool::{Record, SpoolFile};
+use crate::sources::bes::task::{AckSender, Backing, Cmd, Invocations, TaskStart};
+use crate::sources::bes::{self, Backend, BesConfig, BesError};
 use crate::systems::bazel::BazelTranslator;
 use crate::systems::Context;
 use crate::systems::Translator;
@@ -53,42 +54,61 @@ use crate::systems::Translator;
 /// Events held back while waiting for a missing sequence number, at most.
 pub const MAX_EARLY: usize = 10_000;
 
-/// What streams and lifecycle calls tell an invocation's task.
-#[derive(Debug)]
-pub enum Cmd {
-    /// A stream starts carrying this invocation; acks go to `acks`.
-    Attach {
-        stream: u64,
-        acks: mpsc::UnboundedSender<Result<PublishBuildToolEventStreamResponse, Status>>,
-    },
-    /// One request of a stream.
-    Event {
-        stream: u64,
-        ev: Box<OrderedBuildEvent>,
-    },
-    /// The stream's client half-closed: end the RPC once everything is acked.
-    HalfClose { stream: u64 },
-    /// The stream broke (client gone, transport error).
-    Gone { stream: u64 },
-    /// A fact from the lifecycle calls (or the stream's first request) for the build
-    /// messages' metadata.
-    Fact { key: String, value: String },
-    /// Bazel said the attempt finished (`InvocationAttemptFinished`), with its result.
-    AttemptFinished { result: String },
+/// Starts a BES backend whose invocations run through the pipeline: translated with
+/// `ctx`, published to `cfg.publisher` (stdout when `None`), with the artifacts of
+/// `cfg.artifacts` at each build's end.
+pub async fn start(cfg: BesConfig, ctx: Arc<Context>) -> Result<Backend, BesError> {
+    let spawner = Arc::new(BesPipeline {
+        ctx,
+        publisher: cfg.publisher.clone(),
+        artifacts: cfg.artifacts.clone(),
+    });
+    bes::start(cfg, spawner).await
 }
 
-/// Where messages go.
-pub enum Out {
-    Broker(Box<Publisher<u64>>),
-    /// JSON lines on stdout (`bes --print`): written is confirmed.
-    Print,
-    /// The invocation is done and its broker connection closed.
-    Closed,
+/// Starts invocations' tasks for the BES server.
+struct BesPipeline {
+    ctx: Arc<Context>,
+    publisher: Option<crate::bus::publish::PublisherConfig>,
+    artifacts: Option<Arc<crate::aam::BuildScanner>>,
+}
+
+impl Invocations for BesPipeline {
+    fn spawn(&self, backing: &Arc<Backing>, task: TaskStart) -> mpsc::Sender<Cmd> {
+        let (tx, rx) = mpsc::channel(1024);
+        let task_tx = tx.clone();
+        let backing = Arc::clone(backing);
+        let ctx = Arc::clone(&self.ctx);
+        let publisher = self.publisher.clone();
+        let artifacts = self.artifacts.clone();
+        tokio::spawn(async move {
+            let TaskStart {
+                id,
+                first_seq,
+                facts,
+                on_end,
+            } = task;
+            let out = match Output::connect(publisher.as_ref()).await {
+                Ok(out) => Some(out),
+                Err(e) => {
+                    tracing::error!("invocation {id}: cannot start: {e}");
+                    None
+                }
+            };
+            if let Some(out) = out {
+                let pipe = Pipeline::new(format!("invocation {id}"), out).with_artifacts(artifacts);
+                let inv = Invocation::start(id, first_seq, backing, ctx, facts, pipe);
+                inv.run(rx).await;
+            }
+            on_end(&task_tx);
+        });
+        tx
+    }
 }
 
 struct Attached {
     no: u64,
-    acks: mpsc::UnboundedSender<Result<PublishBuildToolEventStreamResponse, Status>>,
+    acks: AckSender,
     stream_id: Option<StreamId>,
     /// The next sequence number this stream is owed an ack for.
     next_ack: Option<i64>,
@@ -111,41 +131,17 @@ pub struct InvocationStats {
     pub replayed: u64,
 }
 
-/// Called with every `build finished` message; returns messages to publish after it
-/// (the artifact scan of `--build-dir`).
-pub type FinishedHook = Arc<dyn Fn(&Envelope) -> Vec<Envelope> + Send + Sync>;
-
-/// What every invocation of one backend shares, fixed when the backend starts.
-pub struct Settings {
-    pub ctx: Arc<Context>,
-    pub publisher: Option<PublisherConfig>,
-    pub spool: Option<Spool>,
-    pub idle_timeout: Duration,
-    pub linger: Duration,
-    pub on_finished: Option<FinishedHook>,
-    /// Shown in every message's `_meta.source.origin`.
-    pub origin: String,
-}
-
-/// Called with the task's command channel when an invocation's task ends.
-pub type OnEnd = Box<dyn FnOnce(&mpsc::Sender<Cmd>) + Send>;
-
-pub struct Invocation {
+struct Invocation {
     id: String,
-    shared: Arc<Settings>,
+    backing: Arc<Backing>,
     translator: BazelTranslator,
     /// What the decoder keeps of an event for this translator.
     needs: Needs,
-    out: Out,
+    /// Publishes (or prints) the messages; its positions are sequence numbers.
+    pipe: Pipeline<'static, i64>,
     /// The next sequence number to translate.
     next_seq: i64,
     early: BTreeMap<i64, OrderedBuildEvent>,
-    /// Messages handed to the publisher, and confirmed, so far.
-    emitted: u64,
-    confirmed: u64,
-    /// (sequence number, messages emitted once it was translated), for points where
-    /// nothing was held back.
-    marks: VecDeque<(i64, u64)>,
     /// Every sequence number up to this one is confirmed (messages) ...
     durable: i64,
     /// ... and up to this one also synced in the spool: acks go up to here.
@@ -162,57 +158,33 @@ pub struct Invocation {
 }
 
 impl Invocation {
-    /// Starts an invocation's task; returns its command channel.
-    pub fn spawn(
+    fn start(
         id: String,
         first_seq: i64,
-        shared: Arc<Settings>,
+        backing: Arc<Backing>,
+        ctx: Arc<Context>,
         facts: Vec<(String, String)>,
-        on_end: OnEnd,
-    ) -> mpsc::Sender<Cmd> {
-        let (tx, rx) = mpsc::channel(1024);
-        let task_tx = tx.clone();
-        tokio::spawn(async move {
-            let id2 = id.clone();
-            match Invocation::start(id, first_seq, shared, facts).await {
-                Ok(inv) => inv.run(rx).await,
-                Err(e) => tracing::error!("invocation {id2}: cannot start: {e}"),
-            }
-            on_end(&task_tx);
-        });
-        tx
-    }
-
-    async fn start(
-        id: String,
-        first_seq: i64,
-        shared: Arc<Settings>,
-        facts: Vec<(String, String)>,
-    ) -> Result<Invocation, BusError> {
+        pipe: Pipeline<'static, i64>,
+    ) -> Invocation {
         let source = SourceMeta {
             system: "bazel".into(),
             format: "bes".into(),
-            origin: format!("{}/{id}", shared.origin),
+            origin: format!("{}/{id}", backing.origin),
             tool_version: None,
         };
-        let mut translator = BazelTranslator::new(Arc::clone(&shared.ctx), source);
+        let needs = BazelTranslator::decode_needs(&ctx);
+        let mut translator = BazelTranslator::new(ctx, source);
         for (k, v) in facts {
             translator.set_metadata(&k, &v);
         }
-        let out = match &shared.publisher {
-            Some(cfg) => Out::Broker(Box::new(Publisher::connect(cfg.clone()).await?)),
-            None => Out::Print,
-        };
         let mut inv = Invocation {
             id,
-            needs: BazelTranslator::decode_needs(&shared.ctx),
+            backing,
+            needs,
             translator,
-            out,
+            pipe,
             next_seq: 1,
             early: BTreeMap::new(),
-            emitted: 0,
-            confirmed: 0,
-            marks: VecDeque::new(),
             durable: 0,
             synced: 0,
             last_sync: Instant::now(),
@@ -222,16 +194,15 @@ impl Invocation {
             spool: None,
             stats: InvocationStats::default(),
             last_heard: Instant::now(),
-            shared,
         };
         inv.recover(first_seq);
-        Ok(inv)
+        inv
     }
 
     /// Opens the spool; when the first stream starts past 1, replays what the spool
     /// holds below it (their messages were confirmed before those events were acked).
     fn recover(&mut self, first_seq: i64) {
-        let Some(spool) = self.shared.spool.clone() else {
+        let Some(spool) = self.backing.spool.clone() else {
             return;
         };
         let records = if first_seq > 1 {
@@ -283,7 +254,7 @@ impl Invocation {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         enum Step {
             Cmd(Option<Cmd>),
-            Confirmed(Result<Vec<u64>, BusError>),
+            Confirmed(Result<(), BusError>),
             Sync,
             Tick,
         }
@@ -294,17 +265,17 @@ impl Invocation {
                 self.close_out().await;
             }
             let wait = if done {
-                self.shared.linger
+                self.backing.linger
             } else if self.finished_seq.is_some() {
                 // Everything arrived; only the broker is awaited. Not silence.
                 Duration::from_secs(24 * 3600)
             } else {
-                self.shared.idle_timeout
+                self.backing.idle_timeout
             };
             let deadline = self.last_heard + wait;
             let step = tokio::select! {
                 c = rx.recv() => Step::Cmd(c),
-                r = confirmed(&mut self.out), if busy => Step::Confirmed(r),
+                r = self.pipe.confirmed(), if busy => Step::Confirmed(r),
                 _ = sleep_until_some(self.sync_due) => Step::Sync,
                 _ = tokio::time::sleep_until(deadline) => Step::Tick,
             };
@@ -317,12 +288,7 @@ impl Invocation {
                         break;
                     }
                 }
-                Step::Confirmed(Ok(tokens)) => {
-                    if let Some(t) = tokens.last() {
-                        self.confirmed = t + 1;
-                    }
-                    self.advance();
-                }
+                Step::Confirmed(Ok(())) => self.advance(),
                 Step::Confirmed(Err(e)) => {
                     tracing::error!("invocation {}: publishing failed: {e}", self.id);
                     break;
@@ -341,7 +307,7 @@ impl Invocation {
             }
         }
         if self.done() {
-            if let Some(s) = &self.shared.spool {
+            if let Some(s) = &self.backing.spool {
                 s.remove(&self.id);
             }
         }
@@ -351,18 +317,16 @@ impl Invocation {
 
     /// Closes the broker connection (everything is confirmed once done).
     async fn close_out(&mut self) {
-        if !matches!(self.out, Out::Broker(_)) {
+        if !self.pipe.is_open() {
             return;
         }
-        if let Out::Broker(p) = std::mem::replace(&mut self.out, Out::Closed) {
-            if let Err(e) = p.close().await {
-                tracing::warn!("invocation {}: closing the publisher: {e}", self.id);
-            }
+        if let Err(e) = self.pipe.close().await {
+            tracing::warn!("invocation {}: closing the publisher: {e}", self.id);
         }
     }
 
     fn unconfirmed(&self) -> u64 {
-        self.emitted - self.confirmed
+        self.pipe.unconfirmed()
     }
 
     /// The stream finished and everything is acknowledgeable.
@@ -465,7 +429,7 @@ impl Invocation {
         self.publish(out).await
     }
 
-    fn translate_one(&mut self, ev: OrderedBuildEvent, out: &mut Vec<Envelope>) {
+    fn translate_one(&mut self, ev: OrderedBuildEvent, out: &mut Vec<Item>) {
         let seq = ev.sequence_number;
         self.next_seq = seq + 1;
         self.stats.events += 1;
@@ -491,11 +455,12 @@ impl Invocation {
                             self.spool = None;
                         }
                     }
-                    self.translate_bazel(seq, &bytes, &mut |env| out.push(env));
+                    self.translate_bazel(seq, &bytes, &mut |env| out.push(Item::Message(env)));
                 }
             }
             Some(BesEvent::ComponentStreamFinished(_)) => {
-                self.translator.finish(&mut |env| out.push(env));
+                self.translator
+                    .finish(&mut |env| out.push(Item::Message(env)));
                 self.finished_seq = Some(seq);
             }
             // Console output and lifecycle-type events on the stream carry nothing
@@ -503,7 +468,7 @@ impl Invocation {
             _ => {}
         }
         if !self.translator.holding() {
-            self.marks.push_back((seq, self.emitted + out.len() as u64));
+            out.push(Item::Mark(seq));
         }
     }
 
@@ -522,45 +487,17 @@ impl Invocation {
         }
     }
 
-    async fn publish(&mut self, messages: Vec<Envelope>) -> Result<(), BusError> {
-        let mut extra = Vec::new();
-        if let Some(hook) = &self.shared.on_finished {
-            for m in messages.iter().filter(|m| is_finished_build(m)) {
-                // The hook scans the build directory (blocking file I/O and hashing).
-                let (hook, finished) = (Arc::clone(hook), m.clone());
-                match tokio::task::spawn_blocking(move || hook(&finished)).await {
-                    Ok(more) => extra.extend(more),
-                    Err(e) => {
-                        tracing::error!("invocation {}: the artifact scan failed: {e}", self.id)
-                    }
+    /// Sends the messages in order, each build's artifacts right after its end, and
+    /// marks the sequence numbers once their messages are handed over.
+    async fn publish(&mut self, items: Vec<Item>) -> Result<(), BusError> {
+        for item in items {
+            match item {
+                Item::Message(env) => {
+                    let before = self.pipe.emitted();
+                    self.pipe.emit(&env).await?;
+                    self.stats.messages += self.pipe.emitted() - before;
                 }
-            }
-        }
-        for env in messages.into_iter().chain(extra) {
-            let token = self.emitted;
-            self.emitted += 1;
-            self.stats.messages += 1;
-            match &mut self.out {
-                Out::Broker(p) => {
-                    let done = p.publish(Outgoing::from_envelope(&env), token).await?;
-                    if let Some(t) = done.last() {
-                        self.confirmed = t + 1;
-                    }
-                }
-                Out::Closed => {
-                    tracing::warn!(
-                        "invocation {}: a message after the stream finished was dropped: {}",
-                        self.id,
-                        env.meta.routing_key
-                    );
-                    self.confirmed = self.emitted;
-                }
-                Out::Print => {
-                    let mut w = std::io::stdout().lock();
-                    let _ = w.write_all(&env.to_json()).and_then(|_| w.write_all(b"\n"));
-                    let _ = w.flush();
-                    self.confirmed = self.emitted;
-                }
+                Item::Mark(seq) => self.pipe.mark(seq),
             }
         }
         Ok(())
@@ -569,12 +506,8 @@ impl Invocation {
     /// Moves the durable point as far as confirms allow and sends the acks it frees.
     fn advance(&mut self) {
         let before = self.durable;
-        while let Some(&(seq, count)) = self.marks.front() {
-            if count > self.confirmed {
-                break;
-            }
-            self.durable = self.durable.max(seq);
-            self.marks.pop_front();
+        if let Some(d) = self.pipe.durable() {
+            self.durable = self.durable.max(d);
         }
         if self.durable > before && self.spool.is_some() {
             // Group commit: sync now if the last sync is old enough, else soon.
@@ -662,11 +595,12 @@ impl Invocation {
 
     async fn end_incomplete(&mut self, reason: &str) -> Result<(), BusError> {
         let mut out = Vec::new();
-        self.translator.abandon(reason, &mut |env| out.push(env));
-        self.publish(out).await?;
+        self.translator
+            .abandon(reason, &mut |env| out.push(Item::Message(env)));
         if !self.translator.holding() {
-            self.marks.push_back((self.next_seq - 1, self.emitted));
+            out.push(Item::Mark(self.next_seq - 1));
         }
+        self.publish(out).await?;
         // Nothing more will be translated: this invocation is over once confirmed.
         self.finished_seq = Some(self.next_seq - 1);
         Ok(())
@@ -676,7 +610,7 @@ impl Invocation {
     async fn give_up(&mut self) {
         let reason = format!(
             "incomplete: the BES stream went silent for {} s after sequence number {}",
-            self.shared.idle_timeout.as_secs(),
+            self.backing.idle_timeout.as_secs(),
             self.next_seq - 1
         );
         tracing::warn!("invocation {}: {reason}", self.id);
@@ -684,15 +618,8 @@ impl Invocation {
             tracing::error!("invocation {}: {e}", self.id);
             return;
         }
-        if let Out::Broker(p) = &mut self.out {
-            match p.flush().await {
-                Ok(tokens) => {
-                    if let Some(t) = tokens.last() {
-                        self.confirmed = t + 1;
-                    }
-                }
-                Err(e) => tracing::error!("invocation {}: {e}", self.id),
-            }
+        if let Err(e) = self.pipe.flush().await {
+            tracing::error!("invocation {}: {e}", self.id);
         }
         self.advance();
         self.sync_spool();
@@ -700,15 +627,12 @@ impl Invocation {
     }
 }
 
-fn is_finished_build(env: &Envelope) -> bool {
-    matches!(&env.payload, crate::model::Payload::Build(b) if b.state == crate::model::BuildState::Finished)
-}
-
-async fn confirmed(out: &mut Out) -> Result<Vec<u64>, BusError> {
-    match out {
-        Out::Broker(p) => p.confirmed().await,
-        Out::Print | Out::Closed => std::future::pending().await,
-    }
+/// What translating events gives, in order (short-lived: not boxed).
+#[allow(clippy::large_enum_variant)]
+enum Item {
+    Message(Envelope),
+    /// Every message of the events up to this sequence number is before this.
+    Mark(i64),
 }
 
 /// Spool syncs are at most this often (acks wait for the next one).
@@ -720,6 +644,3 @@ async fn sleep_until_some(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
-
-/// How long a finished invocation's task stays to acknowledge late repeats.
-pub const DEFAULT_LINGER: Duration = Duration::from_secs(30);
