@@ -5,6 +5,7 @@
 //! branch, tags) come from for each build system, which values are secrets, and the
 //! limits on input. Unknown keys are an error, so a typo never silently does nothing.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -83,6 +84,24 @@ pub struct DeriveRules {
     pub branch: Vec<String>,
     #[serde(default)]
     pub tags: Vec<String>,
+}
+
+impl DeriveRules {
+    /// Every rule of every field.
+    pub fn all(&self) -> impl Iterator<Item = &str> {
+        [
+            &self.tree,
+            &self.platform,
+            &self.buildtype,
+            &self.product,
+            &self.revision,
+            &self.branch,
+            &self.tags,
+        ]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -167,21 +186,28 @@ impl Default for BusConfig {
 }
 
 /// The whole configuration.
+///
+/// Besides `[fields]`, `[redaction]`, `[limits]` and `[bus]`, every top-level table is
+/// a build system's, named as the system is registered (`[bazel.derive]`,
+/// `[bitbake.derive]`): this file does not list the systems. Which names are real is
+/// checked against the registry ([`Config::check_systems`], called when the
+/// translation context is built), so a misspelt table is still an error.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
     pub fields: FieldValues,
-    #[serde(default)]
-    pub bazel: SystemConfig,
-    #[serde(default)]
-    pub bitbake: SystemConfig,
     #[serde(default)]
     pub redaction: RedactionConfig,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
     pub bus: BusConfig,
+    /// Each build system's table, by system name.
+    #[serde(flatten)]
+    pub systems: BTreeMap<String, SystemConfig>,
+    /// Where this configuration came from (for errors).
+    #[serde(skip)]
+    pub origin: String,
 }
 
 impl Config {
@@ -208,10 +234,33 @@ impl Config {
         let mut base: toml::Table = toml::from_str(DEFAULT_TOML).map_err(perr)?;
         let user: toml::Table = toml::from_str(text).map_err(perr)?;
         merge(&mut base, user);
-        let cfg: Config = toml::Value::Table(base).try_into().map_err(perr)?;
+        let mut cfg: Config = toml::Value::Table(base).try_into().map_err(perr)?;
+        cfg.origin = path.to_string();
         // Validate patterns now, so a bad one is reported with the file it came from.
         cfg.redaction.check(path)?;
         Ok(cfg)
+    }
+
+    /// A build system's table (its derivation rules); empty when the file has none.
+    pub fn system(&self, name: &str) -> &SystemConfig {
+        static NONE: std::sync::LazyLock<SystemConfig> =
+            std::sync::LazyLock::new(SystemConfig::default);
+        self.systems.get(name).unwrap_or(&NONE)
+    }
+
+    /// Every build system's table must name a registered system (`known`).
+    pub fn check_systems(&self, known: &[&str]) -> Result<(), ConfigError> {
+        match self.systems.keys().find(|k| !known.contains(&k.as_str())) {
+            None => Ok(()),
+            Some(unknown) => Err(ConfigError::Parse {
+                path: self.origin.clone(),
+                message: format!(
+                    "unknown table [{unknown}]: not fields, redaction, limits, bus nor a build \
+                     system ({})",
+                    known.join(", ")
+                ),
+            }),
+        }
     }
 
     /// Reads `path`, or returns the built-in defaults when `path` is `None`.
@@ -248,7 +297,12 @@ mod tests {
     #[test]
     fn builtin_parses_with_rules() {
         let c = Config::parse(DEFAULT_TOML, "builtin").unwrap();
-        assert_eq!(c.bazel.derive.revision[0], "status:BUILD_SCM_REVISION");
+        assert_eq!(
+            c.system("bazel").derive.revision[0],
+            "status:BUILD_SCM_REVISION"
+        );
+        assert!(!c.system("bitbake").derive.tree.is_empty());
+        assert!(c.check_systems(&["bazel", "bitbake"]).is_ok());
         assert!(c.redaction.options.contains(&"client_env".to_string()));
         assert_eq!(c.limits.max_event_bytes, 64 << 20);
     }
@@ -256,10 +310,10 @@ mod tests {
     #[test]
     fn a_file_overrides_only_what_it_says() {
         let c = Config::parse("[bazel.derive]\ntree = [\"literal:x\"]\n", "f.toml").unwrap();
-        assert_eq!(c.bazel.derive.tree, vec!["literal:x"]);
+        assert_eq!(c.system("bazel").derive.tree, vec!["literal:x"]);
         assert_eq!(
-            c.bazel.derive.platform,
-            Config::builtin().bazel.derive.platform
+            c.system("bazel").derive.platform,
+            Config::builtin().system("bazel").derive.platform
         );
         assert_eq!(c.redaction, Config::builtin().redaction);
     }
@@ -268,6 +322,16 @@ mod tests {
     fn typos_and_bad_patterns_are_errors() {
         let e = Config::parse("[fields]\ntre = \"x\"\n", "f.toml").unwrap_err();
         assert!(e.to_string().contains("f.toml"), "{e}");
+        // A misspelt build system's table parses (the registry is above this
+        // module) and is refused against the registry's names.
+        let c = Config::parse("[bazle.derive]\ntree = [\"literal:x\"]\n", "h.toml").unwrap();
+        let e = c.check_systems(&["bitbake", "bazel"]).unwrap_err();
+        assert!(
+            e.to_string().contains("h.toml") && e.to_string().contains("[bazle]"),
+            "{e}"
+        );
+        let e = Config::parse("[bazel.derive]\ntre = [\"x\"]\n", "i.toml").unwrap_err();
+        assert!(e.to_string().contains("i.toml"), "{e}");
         let e = Config::parse("[redaction]\nkey_patterns = [\"(\"]\n", "g.toml").unwrap_err();
         assert!(
             e.to_string().contains("g.toml") && e.to_string().contains("\"(\""),

@@ -147,8 +147,6 @@ pub trait BuildSystem: Sync {
     /// The format of an input starting with `head`, if its bytes say it is one of this
     /// system's (asked when no system claimed the name).
     fn by_content(&self, head: &[u8], first_line: &[u8]) -> Option<Format>;
-    /// Its Pulse-field derivation rules in a configuration.
-    fn derive_rules<'c>(&self, cfg: &'c Config) -> &'c DeriveRules;
     /// Whether `dir` looks like a build directory of this system (`links`: the
     /// convenience links the artifact rules name, `root_links`).
     fn is_build_dir(&self, dir: &std::path::Path, links: &[String]) -> bool;
@@ -203,9 +201,11 @@ impl Context {
     pub fn new(cfg: &Config, overrides: &FieldValues) -> Result<Context, ConfigError> {
         let mut fixed = cfg.fields.clone();
         fixed.overlay(overrides);
+        let names: Vec<&str> = SYSTEMS.iter().map(|s| s.name()).collect();
+        cfg.check_systems(&names)?;
         let derive = SYSTEMS
             .iter()
-            .map(|s| (s.name().to_string(), s.derive_rules(cfg).clone()))
+            .map(|s| (s.name().to_string(), cfg.system(s.name()).derive.clone()))
             .collect::<HashMap<_, _>>();
         let redactor = redact::Redactor::new(&cfg.redaction).map_err(|(pattern, message)| {
             ConfigError::Pattern {

@@ -16,7 +16,6 @@ pub use translate::BazelTranslator;
 use super::{
     ArtifactTrees, BuildSystem, Context, Emit, Format, StreamStats, StreamTranslator, Translator,
 };
-use crate::config::{Config, DeriveRules};
 use crate::decode::bep::codec::{self, Needs};
 use crate::decode::framing::Framing;
 use crate::decode::Reason;
@@ -70,10 +69,6 @@ impl BuildSystem for Bazel {
             }
             _ => None,
         }
-    }
-
-    fn derive_rules<'c>(&self, cfg: &'c Config) -> &'c DeriveRules {
-        &cfg.bazel.derive
     }
 
     fn is_build_dir(&self, dir: &Path, links: &[String]) -> bool {

@@ -292,7 +292,7 @@ impl BazelTranslator {
     /// What the binary decoder must keep of an event for translators with context
     /// `ctx` (see [`crate::decode::bep::sparse::Needs`]).
     pub fn decode_needs(ctx: &Context) -> crate::decode::bep::codec::Needs {
-        crate::decode::bep::codec::Needs::of(ctx.rules(SYSTEM))
+        crate::decode::bep::codec::Needs::of(ctx.rules(SYSTEM).all())
     }
 
     pub fn stats(&self) -> &Stats {
@@ -1243,5 +1243,73 @@ mod tests {
         // Every artifact message has its own id.
         let ids: HashSet<&str> = out.iter().map(|e| e.meta.message_id.as_str()).collect();
         assert_eq!(ids.len(), out.len());
+    }
+
+    /// What matters (the sparse decoder, `decode/bep/sparse.rs`): every binary fixture translates to the same messages whether its
+    /// events were decoded sparsely or in full.
+    #[test]
+    fn sparse_and_full_decoding_translate_alike() {
+        use crate::model::{Envelope, SourceMeta};
+        use crate::systems::{Context, Translator};
+        use std::sync::Arc;
+
+        let ctx = Arc::new(Context::builtin());
+        let needs = crate::systems::bazel::BazelTranslator::decode_needs(&ctx);
+        let translate = |frames: &[&[u8]], sparse: bool| {
+            let mut t = crate::systems::bazel::BazelTranslator::new(
+                Arc::clone(&ctx),
+                SourceMeta::default(),
+            );
+            let mut out: Vec<Envelope> = Vec::new();
+            for f in frames {
+                let ev = if sparse {
+                    crate::decode::bep::codec::decode_binary(f, &needs).unwrap()
+                } else {
+                    Box::new(<BuildEvent as prost::Message>::decode(*f).unwrap())
+                };
+                t.event(ev, &mut |e| out.push(e));
+            }
+            t.finish(&mut |e| out.push(e));
+            for e in &mut out {
+                e.meta.sent = std::sync::Arc::from("");
+            }
+            out
+        };
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bazel");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("bin") {
+                continue;
+            }
+            let data = std::fs::read(&path).unwrap();
+            let mut frames = Vec::new();
+            let mut buf = data.as_slice();
+            while !buf.is_empty() {
+                let (len, n) = crate::decode::framing::varint(buf).unwrap();
+                frames.push(&buf[n..n + len as usize]);
+                buf = &buf[n + len as usize..];
+            }
+            let sparse = translate(&frames, true);
+            let full = translate(&frames, false);
+            assert!(!full.is_empty(), "{}", path.display());
+            assert_eq!(sparse, full, "{}", path.display());
+            // The command line (redacted) and option-derived fields are there.
+            let started = full
+                .iter()
+                .find_map(|e| match &e.payload {
+                    crate::model::Payload::Build(b) => Some(b),
+                    _ => None,
+                })
+                .unwrap();
+            assert!(
+                started.command.as_deref().is_some_and(|c| c.contains("--")),
+                "{}: {:?}",
+                path.display(),
+                started.command
+            );
+            checked += 1;
+        }
+        assert!(checked >= 5, "binary fixtures: {checked}");
     }
 }

@@ -22,7 +22,6 @@ pub use translate::BitbakeTranslator;
 use super::{
     ArtifactTrees, BuildSystem, Context, Emit, Format, StreamStats, StreamTranslator, Translator,
 };
-use crate::config::{Config, DeriveRules};
 use crate::decode::framing::Framing;
 use crate::decode::Reason;
 use crate::model::SourceMeta;
@@ -67,10 +66,6 @@ impl BuildSystem for Bitbake {
     fn by_content(&self, head: &[u8], first_line: &[u8]) -> Option<Format> {
         let first = head.iter().find(|b| !b.is_ascii_whitespace());
         (first == Some(&b'{') && is_eventlog_line(first_line)).then_some(EVENTLOG)
-    }
-
-    fn derive_rules<'c>(&self, cfg: &'c Config) -> &'c DeriveRules {
-        &cfg.bitbake.derive
     }
 
     fn is_build_dir(&self, dir: &Path, _links: &[String]) -> bool {
