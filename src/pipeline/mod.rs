@@ -255,3 +255,35 @@ impl<'o, P: Copy + Ord> Pipeline<'o, P> {
 pub fn is_finished_build(env: &Envelope) -> bool {
     matches!(&env.payload, Payload::Build(b) if b.state == BuildState::Finished)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(n: u32) -> Outgoing {
+        Outgoing {
+            exchange: "x".into(),
+            routing_key: format!("k.{n}"),
+            message_id: n.to_string(),
+            body: b"{}".to_vec(),
+            properties: Default::default(),
+        }
+    }
+
+    /// Without a broker, written is confirmed: a position is durable as soon as it is
+    /// marked, and marks that came before messages of later positions stay in order.
+    #[tokio::test]
+    async fn positions_become_durable_in_order() {
+        let mut p: Pipeline<'_, u64> = Pipeline::new("test", Output::Closed);
+        assert_eq!(p.durable(), None);
+        p.send(msg(1)).await.unwrap();
+        p.mark(10);
+        p.send(msg(2)).await.unwrap();
+        p.send(msg(3)).await.unwrap();
+        p.mark(25);
+        p.mark(25);
+        assert_eq!((p.durable(), p.emitted(), p.unconfirmed()), (Some(25), 3, 0));
+        assert!(!p.is_open());
+        assert_eq!(p.close().await.unwrap(), None);
+    }
+}
