@@ -1,10 +1,19 @@
 //! Connecting to the broker, with exponential backoff and jitter, never a busy loop.
+//!
+//! Only transient faults (connection refused or reset, a broker restarting, a timeout)
+//! are retried, with a warning per attempt; a refusal that retrying cannot fix (wrong
+//! user name or password, a missing vhost, a bad URL: see [`BusError::is_permanent`])
+//! ends [`connect`] at once. An optional deadline bounds the retrying too.
 
 use std::time::Duration;
 
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 
-use super::{redact_url, BusError};
+use super::{redact_url, refusal, BusError, Stage};
+
+/// The longest one connection attempt may take (TCP, TLS and the AMQP handshake).
+pub const ATTEMPT_LIMIT: Duration = Duration::from_secs(30);
 
 /// Backoff between connection attempts: 100 ms doubling to `max`, with jitter.
 #[derive(Debug, Clone)]
@@ -40,31 +49,129 @@ impl Backoff {
     }
 }
 
-/// One connection attempt.
+/// One connection attempt (at most [`ATTEMPT_LIMIT`]).
 pub async fn connect_once(url: &str) -> Result<Connection, BusError> {
-    Connection::connect(url, ConnectionProperties::default())
-        .await
-        .map_err(|source| BusError::Connect {
-            url: redact_url(url),
-            source,
-        })
+    connect_once_with(url, ConnectionProperties::default(), ATTEMPT_LIMIT).await
 }
 
-/// Connects, retrying with backoff until it works or `deadline` (if any) passes.
+/// One connection attempt with these properties, given up after `limit`. A permanent
+/// refusal comes back as [`BusError::Refused`], a transient fault as
+/// [`BusError::Connect`].
+pub async fn connect_once_with(
+    url: &str,
+    props: ConnectionProperties,
+    limit: Duration,
+) -> Result<Connection, BusError> {
+    let uri: AMQPUri = url.parse().map_err(|e: String| BusError::Refused {
+        url: redact_url(url),
+        reason: format!("invalid broker URL: {}", scrub(&e, url)),
+    })?;
+    let vhost = uri.vhost.clone();
+    let source = match tokio::time::timeout(limit, Connection::connect_uri(uri, props)).await {
+        Ok(Ok(c)) => return Ok(c),
+        Ok(Err(e)) => e,
+        Err(_) => lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connecting took over {} ms", limit.as_millis()),
+        )),
+    };
+    Err(match refusal(&source, Stage::Handshake) {
+        Some(reason) => BusError::Refused {
+            url: redact_url(url),
+            reason: match source.kind() {
+                lapin::ErrorKind::ProtocolError(a) if a.get_id() == 530 => format!(
+                    "vhost '{vhost}' not found or not allowed for this user ({})",
+                    a.get_message()
+                ),
+                _ => reason,
+            },
+        },
+        None => BusError::Connect {
+            url: redact_url(url),
+            source,
+        },
+    })
+}
+
+/// Connects, retrying transient faults with backoff (a warning per attempt) until it
+/// works, a permanent refusal comes, or `deadline` (if any) passes.
 pub async fn connect(url: &str, deadline: Option<Duration>) -> Result<Connection, BusError> {
+    connect_with(url, ConnectionProperties::default(), deadline).await
+}
+
+/// [`connect`] with these connection properties.
+pub async fn connect_with(
+    url: &str,
+    props: ConnectionProperties,
+    deadline: Option<Duration>,
+) -> Result<Connection, BusError> {
     let start = tokio::time::Instant::now();
     let mut backoff = Backoff::default();
+    let mut attempts = 0u32;
     loop {
-        match connect_once(url).await {
+        attempts += 1;
+        let limit = match deadline {
+            Some(d) => d
+                .saturating_sub(start.elapsed())
+                .clamp(Duration::from_millis(100), ATTEMPT_LIMIT),
+            None => ATTEMPT_LIMIT,
+        };
+        let e = match connect_once_with(url, props.clone(), limit).await {
             Ok(c) => return Ok(c),
-            Err(e) => {
-                if deadline.is_some_and(|d| start.elapsed() >= d) {
-                    return Err(e);
-                }
-                let delay = backoff.next_delay();
-                tracing::warn!("{e}; retrying in {} ms", delay.as_millis());
-                tokio::time::sleep(delay).await;
+            Err(e) if e.is_permanent() => return Err(e),
+            Err(e) => e,
+        };
+        let mut delay = backoff.next_delay();
+        if let Some(d) = deadline {
+            let left = d.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(gave_up(url, attempts, start.elapsed(), &e));
             }
+            delay = delay.min(left);
         }
+        tracing::warn!(
+            "{e}; attempt {attempts} failed, retrying in {} ms",
+            delay.as_millis()
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// The error of a connect loop that ran out of time after `attempts` attempts.
+pub fn gave_up(url: &str, attempts: u32, elapsed: Duration, last: &BusError) -> BusError {
+    let last = match last {
+        BusError::Connect { source, .. } => source.to_string(),
+        e => e.to_string(),
+    };
+    BusError::GaveUp {
+        url: redact_url(url),
+        attempts,
+        secs: elapsed.as_secs_f64(),
+        last,
+    }
+}
+
+/// `msg` without `url`'s password (URL parse errors may quote the URL).
+fn scrub(msg: &str, url: &str) -> String {
+    let mut m = msg.replace(url, &redact_url(url));
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, pw)| pw);
+    if let Some(pw) = password.filter(|pw| !pw.is_empty()) {
+        m = m.replace(pw, "***");
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn url_errors_hide_the_password() {
+        let url = "amqp://guest:s3cret@127.0.0.1:5672/%2f";
+        let m = super::scrub(&format!("Invalid URL: '{url}' (s3cret)"), url);
+        assert!(!m.contains("s3cret"), "{m}");
+        assert!(m.contains("guest:***@127.0.0.1:5672"), "{m}");
     }
 }

@@ -14,6 +14,10 @@ pub mod publish;
 pub mod topology;
 
 /// Errors talking to the broker.
+///
+/// [`BusError::is_permanent`] is the one place that says which of them retrying cannot
+/// fix (a wrong password, a missing vhost, a refused permission, a bad URL): every
+/// connect and reconnect loop ends on those at once and retries only the rest.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("broker {url}: {source}")]
@@ -21,6 +25,20 @@ pub enum BusError {
         url: String,
         #[source]
         source: lapin::Error,
+    },
+    /// The broker (or the URL) refused us for good: retrying cannot help.
+    #[error("broker {url}: {reason}")]
+    Refused { url: String, reason: String },
+    /// Transient failures went on past the connect timeout.
+    #[error(
+        "broker {url}: gave up connecting after {attempts} attempts in {secs:.1} s \
+         (--connect-timeout): {last}"
+    )]
+    GaveUp {
+        url: String,
+        attempts: u32,
+        secs: f64,
+        last: String,
     },
     #[error("broker: {what}: {source}")]
     Amqp {
@@ -36,6 +54,65 @@ impl BusError {
     pub fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> BusError {
         let what = what.into();
         move |source| BusError::Amqp { what, source }
+    }
+
+    /// True when retrying cannot fix it: the command should end at once.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            BusError::Refused { .. } | BusError::GaveUp { .. } => true,
+            BusError::Connect { source, .. } | BusError::Amqp { source, .. } => {
+                refusal(source, Stage::Channel).is_some()
+            }
+            BusError::Other(_) => false,
+        }
+    }
+
+    /// A permanent `Amqp` error turned into `Refused` naming the broker at `url`
+    /// (password hidden); anything else unchanged.
+    pub fn at(self, url: &str) -> BusError {
+        match self {
+            BusError::Amqp { what, source } => match refusal(&source, Stage::Channel) {
+                Some(reason) => BusError::Refused {
+                    url: redact_url(url),
+                    reason: format!("{what}: {reason}"),
+                },
+                None => BusError::Amqp { what, source },
+            },
+            e => e,
+        }
+    }
+}
+
+/// Where an error happened: opening the connection (where 403 means bad credentials)
+/// or on a channel (where it means a refused permission).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    Handshake,
+    Channel,
+}
+
+/// Why `e` is permanent, in words, or `None` when it is worth retrying (I/O errors,
+/// connection resets, a broker shutting down, timeouts).
+pub(crate) fn refusal(e: &lapin::Error, stage: Stage) -> Option<String> {
+    use lapin::ErrorKind as K;
+    match e.kind() {
+        K::ProtocolError(a) => {
+            let said = a.get_message().as_str();
+            match a.get_id() {
+                403 if stage == Stage::Handshake => Some(format!(
+                    "access refused: wrong user name or password (broker said: {said})"
+                )),
+                403 => Some(format!("access refused: permission denied ({said})")),
+                530 => Some(format!("vhost not found or not allowed ({said})")),
+                402 => Some(format!("invalid vhost path ({said})")),
+                406 => Some(format!("precondition failed ({said})")),
+                540 => Some(format!("not implemented by the broker ({said})")),
+                _ => None,
+            }
+        }
+        K::AuthProviderError(s) => Some(format!("authentication failed: {s}")),
+        K::InvalidProtocolVersion(v) => Some(format!("the broker only speaks AMQP {v}")),
+        _ => None,
     }
 }
 
@@ -60,5 +137,37 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(super::redact_url("amqp://h/"), "amqp://h/");
+    }
+
+    fn amqp(code: u16) -> lapin::Error {
+        let e = lapin::protocol::AMQPError::from_id(code, "broker text".into());
+        lapin::ErrorKind::ProtocolError(e.expect("known code")).into()
+    }
+
+    #[test]
+    fn refusals_are_permanent_and_faults_transient() {
+        use super::{refusal, BusError, Stage};
+        let login = refusal(&amqp(403), Stage::Handshake).unwrap_or_default();
+        assert!(login.contains("wrong user name or password"), "{login}");
+        let perm = refusal(&amqp(403), Stage::Channel).unwrap_or_default();
+        assert!(perm.contains("permission denied"), "{perm}");
+        for code in [402, 403, 406, 530, 540] {
+            let e = BusError::amqp("declare")(amqp(code));
+            assert!(e.is_permanent(), "{code}");
+            let e = e.at("amqp://u:pw@h:1/v");
+            assert!(matches!(e, BusError::Refused { .. }), "{code}: {e:?}");
+            assert!(e.to_string().contains("u:***@h:1"), "{e}");
+        }
+        // CONNECTION_FORCED (a broker shutting down), RESOURCE_ERROR, NOT_FOUND, and
+        // I/O errors are worth retrying.
+        for code in [320, 404, 506, 541] {
+            assert!(!BusError::amqp("x")(amqp(code)).is_permanent(), "{code}");
+        }
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = BusError::Connect {
+            url: "amqp://h".into(),
+            source: io.into(),
+        };
+        assert!(!e.is_permanent());
     }
 }

@@ -7,7 +7,9 @@
 //! memory stays bounded. When the connection drops, or the broker nacks, the publisher
 //! reconnects with backoff, declares the topology again and resends every unconfirmed
 //! message in order. A resend may duplicate a message the broker had stored before the
-//! drop; ids are deterministic and storage is idempotent, so that is harmless.
+//! drop; ids are deterministic and storage is idempotent, so that is harmless. A refusal
+//! that retrying cannot fix (wrong password, missing vhost, refused permission) ends it
+//! with an error instead, and so do transient faults past `connect_deadline`.
 //!
 //! Each message carries an opaque `token` (a file offset, a sequence number); the
 //! publisher hands tokens back in publish order as their messages are confirmed, which
@@ -24,7 +26,7 @@ use lapin::{Confirmation, PublisherConfirm};
 use super::connect::{connect, Backoff};
 use super::message::Outgoing;
 use super::topology::Topology;
-use super::BusError;
+use super::{redact_url, refusal, BusError, Stage};
 
 /// Publisher settings.
 #[derive(Debug, Clone)]
@@ -33,7 +35,8 @@ pub struct PublisherConfig {
     pub topology: Topology,
     /// Unconfirmed messages allowed at once.
     pub window: usize,
-    /// Give up connecting after this long (`None`: keep trying).
+    /// Give up connecting after transient faults for this long (`None`: keep trying).
+    /// Permanent refusals (see [`BusError::is_permanent`]) end it at once anyway.
     pub connect_deadline: Option<Duration>,
     /// Declare the DSI queue as well as the exchanges (so nothing published before a
     /// DSI worker ever ran is dropped for lack of a queue).
@@ -102,7 +105,13 @@ impl<T: Clone> Publisher<T> {
         self.inflight.len()
     }
 
+    /// Connects, declares and turns on confirms; a permanent refusal names the broker.
     async fn open(&mut self) -> Result<(), BusError> {
+        let url = self.cfg.url.clone();
+        self.open_inner().await.map_err(|e| e.at(&url))
+    }
+
+    async fn open_inner(&mut self) -> Result<(), BusError> {
         let conn = connect(&self.cfg.url, self.cfg.connect_deadline).await?;
         let ch = conn
             .create_channel()
@@ -143,12 +152,21 @@ impl<T: Clone> Publisher<T> {
             let _ = c.close(0, "reconnecting".into()).await;
         }
         let mut backoff = Backoff::default();
+        let start = tokio::time::Instant::now();
         'retry: loop {
             if let Err(e) = self.open().await {
-                if self.cfg.connect_deadline.is_some() {
+                // Refusals end it at once; transient faults until the deadline (if any).
+                if e.is_permanent()
+                    || self
+                        .cfg
+                        .connect_deadline
+                        .is_some_and(|d| start.elapsed() >= d)
+                {
                     return Err(e);
                 }
-                tokio::time::sleep(backoff.next_delay()).await;
+                let delay = backoff.next_delay();
+                tracing::warn!("{e}; retrying in {} ms", delay.as_millis());
+                tokio::time::sleep(delay).await;
                 continue;
             }
             self.stats.reconnects += 1;
@@ -170,6 +188,18 @@ impl<T: Clone> Publisher<T> {
             }
             tracing::info!("reconnected; resent {} messages", self.inflight.len());
             return Ok(());
+        }
+    }
+
+    /// An error retrying cannot fix (say the user may not write to the exchange) as
+    /// a [`BusError::Refused`] naming the broker; `Ok` for the rest.
+    fn refused(&self, what: &str, e: &lapin::Error) -> Result<(), BusError> {
+        match refusal(e, Stage::Channel) {
+            Some(reason) => Err(BusError::Refused {
+                url: redact_url(&self.cfg.url),
+                reason: format!("{what}: {reason}"),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -223,7 +253,10 @@ impl<T: Clone> Publisher<T> {
                     });
                     return Ok(done);
                 }
-                Err(e) => self.recover(&format!("publish failed: {e}")).await?,
+                Err(e) => {
+                    self.refused("publish", &e)?;
+                    self.recover(&format!("publish failed: {e}")).await?
+                }
             }
         }
     }
@@ -261,6 +294,7 @@ impl<T: Clone> Publisher<T> {
             }
             Some(Err(e)) => {
                 self.forget_front_confirm();
+                self.refused("publish", &e)?;
                 self.recover(&format!("confirm failed: {e}")).await?;
                 Ok(done)
             }

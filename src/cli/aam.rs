@@ -165,7 +165,8 @@ pub fn run(cli: &Cli, a: &AamArgs) -> anyhow::Result<ExitCode> {
     if a.publish {
         let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
         let confirmed = super::runtime()?.block_on(async {
-            let pcfg = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
+            let mut pcfg = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
+            pcfg.connect_deadline = cli.connect_timeout();
             let mut p = Publisher::<u64>::connect(pcfg).await?;
             for (seq, env) in envs.iter().enumerate() {
                 p.publish(Outgoing::from_envelope(env), seq as u64).await?;

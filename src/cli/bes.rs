@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::{Cli, FieldArgs};
+use crate::bus::connect;
 use crate::bus::publish::PublisherConfig;
 use crate::pipeline;
 use crate::sources::bes::{capture, Auth, BesConfig};
@@ -119,6 +120,7 @@ pub fn run(cli: &Cli, a: &BesArgs) -> anyhow::Result<ExitCode> {
         let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
         let mut p = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
         p.window = a.window;
+        p.connect_deadline = cli.connect_timeout();
         p
     });
     let mut bcfg = BesConfig::new(a.listen, publisher);
@@ -144,6 +146,18 @@ pub fn run(cli: &Cli, a: &BesArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!("credentials are checked without TLS on a non-loopback address");
     }
     super::runtime()?.block_on(async {
+        // A refusal that retrying cannot fix (wrong password, missing vhost) stops the
+        // backend before it listens; a broker that is only down is waited for by each
+        // invocation (their events are spooled meanwhile).
+        if let Some(p) = &bcfg.publisher {
+            match connect::connect_once(&p.url).await {
+                Ok(c) => {
+                    let _ = c.close(200, "bye".into()).await;
+                }
+                Err(e) if e.is_permanent() => return Err(e.into()),
+                Err(e) => tracing::warn!("{e}; invocations will retry"),
+            }
+        }
         let mut backend = pipeline::bes::start(bcfg, Arc::new(ctx)).await?;
         eprintln!("buildbus bes: listening on {}", backend.addr);
         let interrupted = tokio::select! {

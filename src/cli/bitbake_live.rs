@@ -91,6 +91,7 @@ pub fn run(cli: &Cli, a: &BitbakeLiveArgs) -> anyhow::Result<ExitCode> {
             let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
             let mut pcfg = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
             pcfg.window = a.window;
+            pcfg.connect_deadline = cli.connect_timeout();
             Output::connect(Some(&pcfg)).await?
         };
         let mut pipe = Pipeline::new(a.server.clone(), out).with_artifacts(scanner.clone());

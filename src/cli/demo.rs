@@ -189,6 +189,7 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
         prefetch: 500,
         batch: 200,
         batch_wait: Duration::from_millis(20),
+        connect_timeout: None,
     };
     let pool = rt.spawn(run_pool(dcfg, stop.clone(), stats.clone()));
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -22,7 +22,11 @@ Examples:
 Workers share one durable quorum queue (queue/buildbus/dsi, bound to every exchange).
 Each batch is written in one transaction and acked only after the commit; duplicates
 are skipped by message id, so a redelivery never stores anything twice. Poison
-messages go to queue/buildbus/dead-letter with an x-buildbus-error header.";
+messages go to queue/buildbus/dead-letter with an x-buildbus-error header.
+
+Broker trouble: workers reconnect with backoff (for ever, or until --connect-timeout
+SECS without a connection); a wrong password, a missing vhost or a refused permission
+stop every worker at once (exit status 2).";
 
 /// Run the storage workers (DSI): consume the bus, keep the permanent record.
 #[derive(Debug, Args)]
@@ -67,6 +71,7 @@ pub fn run(cli: &Cli, a: &DsiArgs) -> anyhow::Result<ExitCode> {
         prefetch: a.prefetch,
         batch: a.batch,
         batch_wait: Duration::from_millis(a.batch_ms),
+        connect_timeout: cli.connect_timeout(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DsiStats::default());

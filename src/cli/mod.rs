@@ -38,6 +38,18 @@ pub struct Cli {
     #[arg(short, long, global = true)]
     pub quiet: bool,
 
+    /// Commands that connect to the broker give up after SECS of transient failures
+    /// (connection refused or reset, a broker restarting); default: retry for ever,
+    /// with a warning per attempt. A wrong user name or password, a missing vhost or a
+    /// refused permission end the command at once anyway.
+    #[arg(
+        long,
+        global = true,
+        env = "BUILDBUS_CONNECT_TIMEOUT",
+        value_name = "SECS"
+    )]
+    pub connect_timeout: Option<u64>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -110,6 +122,13 @@ pub(crate) fn context(
     let cfg = Config::load(config)?;
     let ctx = Context::new(&cfg, &fields.values())?;
     Ok((cfg, ctx))
+}
+
+impl Cli {
+    /// `--connect-timeout` as a duration.
+    pub(crate) fn connect_timeout(&self) -> Option<std::time::Duration> {
+        self.connect_timeout.map(std::time::Duration::from_secs)
+    }
 }
 
 /// A tokio runtime for one command.

@@ -47,8 +47,11 @@ that is not wanted.
 
 With --label the queue is durable (queue/<user>/<label>, at most --max-length
 messages, the oldest dead-lettered beyond); without, it goes away with the monitor.
-Exit status: 0 when stopped (Ctrl-C, SIGTERM, --exit-after), 1 when the broker refused
-the subscription, 2 on usage errors.";
+A broker that goes away is reconnected to with backoff (for ever, or until
+--connect-timeout SECS without a connection). Exit status: 0 when stopped (Ctrl-C,
+SIGTERM, --exit-after), 1 when the broker refused the subscription (wrong password,
+missing vhost, refused permission: at once) or --connect-timeout passed, 2 on usage
+errors.";
 
 /// Subscribe with filters: print each message, or run a command per message.
 #[derive(Debug, Args)]
@@ -289,6 +292,9 @@ pub fn run(cli: &Cli, a: &MonitorArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(l) = &a.label {
         b = b.label(l);
+    }
+    if let Some(t) = cli.connect_timeout() {
+        b = b.connect_timeout(t);
     }
     let stopper: Arc<OnceLock<Stopper>> = Arc::new(OnceLock::new());
     let handled = Arc::new(AtomicU64::new(0));

@@ -12,7 +12,7 @@ use clap::Args;
 use super::translate::FormatArg;
 use super::{Cli, FieldArgs};
 use crate::bus::publish::{Publisher, PublisherConfig};
-use crate::bus::{connect, topology::Topology};
+use crate::bus::{connect, topology::Topology, BusError};
 use crate::pipeline::file::{publish_file, FileOptions};
 use crate::sources::file::checkpoint;
 use crate::sources::file::Follow;
@@ -29,7 +29,9 @@ Examples:
   buildbus publish --build-dir ~/poky/build ~/poky/build/tmp/log/build.eventlog
 
 A message counts as published only when the broker confirmed it. If the broker goes
-away, publishing waits, reconnects and resends what was not confirmed. A checkpoint per
+away, publishing waits, reconnects and resends what was not confirmed (for ever, or
+until --connect-timeout SECS; a wrong password, a missing vhost or a refused permission
+end it at once, exit status 2). A checkpoint per
 file (in --checkpoint-dir) records the offset of the last confirmed event, so running
 the same command again resumes where it stopped.";
 
@@ -93,11 +95,17 @@ pub fn setup(cli: &Cli, a: &SetupArgs) -> anyhow::Result<ExitCode> {
     let (cfg, _) = super::context(cli.config.as_deref(), &FieldArgs::default())?;
     let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
     super::runtime()?.block_on(async {
-        let conn = connect::connect(&url, Some(Duration::from_secs(30))).await?;
-        let ch = conn.create_channel().await?;
+        let deadline = cli.connect_timeout().unwrap_or(Duration::from_secs(30));
+        let conn = connect::connect(&url, Some(deadline)).await?;
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(BusError::amqp("open channel"))
+            .map_err(|e| e.at(&url))?;
         Topology::new(&cfg.bus.exchange_prefix)
             .declare_all(&ch)
-            .await?;
+            .await
+            .map_err(|e| e.at(&url))?;
         let _ = conn.close(200, "bye".into()).await;
         println!("topology declared on {}", crate::bus::redact_url(&url));
         Ok(ExitCode::SUCCESS)
@@ -126,6 +134,7 @@ pub fn publish(cli: &Cli, a: &PublishArgs) -> anyhow::Result<ExitCode> {
         }
         let mut pcfg = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
         pcfg.window = a.window;
+        pcfg.connect_deadline = cli.connect_timeout();
         let mut publisher = Publisher::<u64>::connect(pcfg).await?;
         let mut failed = false;
         for path in &a.files {

@@ -15,6 +15,7 @@ mod bitbake_session;
 mod bus;
 mod cli;
 mod client;
+mod connect_failures;
 mod dsi_store;
 mod fuzz;
 mod pipeline;

@@ -89,6 +89,7 @@ pub fn run_dsi_until(url: &str, store: &str, workers: usize, want: u64) -> Arc<D
         prefetch: 200,
         batch: 100,
         batch_wait: Duration::from_millis(20),
+        connect_timeout: None,
     };
     let rt = rt();
     let pool = rt.spawn(run_pool(cfg, stop.clone(), stats.clone()));

@@ -159,6 +159,7 @@ fn dsi_config(url: &str, store: &str, workers: usize) -> DsiConfig {
         prefetch: 2000,
         batch: 500,
         batch_wait: Duration::from_millis(20),
+        connect_timeout: None,
     }
 }
 

@@ -85,7 +85,10 @@
 //!   whose ack was lost comes again (`Message::redelivered`); deduplicate on the
 //!   message id if it matters.
 //! - The monitor reconnects after a broker restart (backoff up to 5 s) and goes on;
-//!   a labelled queue lost nothing meanwhile.
+//!   a labelled queue lost nothing meanwhile. A refusal that retrying cannot fix (wrong
+//!   password, missing vhost, refused permission) ends it at once with
+//!   [`ClientError::Broker`]; so does [`MonitorBuilder::connect_timeout`] passing
+//!   without a connection.
 
 pub mod bindings;
 pub mod callback;
@@ -166,6 +169,7 @@ pub struct MonitorBuilder {
     prefetch: u16,
     retries: u32,
     retry_delay: Duration,
+    connect_timeout: Option<Duration>,
     limits: QueueLimits,
     max_bindings: usize,
     problems: Vec<String>,
@@ -192,6 +196,7 @@ impl MonitorBuilder {
             prefetch: 100,
             retries: 3,
             retry_delay: Duration::from_millis(200),
+            connect_timeout: None,
             limits: QueueLimits {
                 max_length: DEFAULT_MAX_LENGTH,
                 max_length_bytes: None,
@@ -387,6 +392,14 @@ impl MonitorBuilder {
         self
     }
 
+    /// Give up (ending with [`ClientError::Broker`]) when transient faults (connection
+    /// refused, a broker restart) last this long without a connection; default: keep
+    /// trying. Permanent refusals end the monitor at once anyway.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = Some(d);
+        self
+    }
+
     /// The length limit of a labelled queue (default 100,000 messages); beyond it the
     /// oldest are dead-lettered. Changing it for an existing queue needs the queue
     /// deleted first (RabbitMQ refuses other arguments for an existing queue).
@@ -540,6 +553,7 @@ impl MonitorBuilder {
             prefetch: self.prefetch,
             retries: self.retries,
             retry_delay: self.retry_delay,
+            connect_timeout: self.connect_timeout,
         };
         let shared = Arc::new(Shared::new(plan, self.callbacks));
         let sh = shared.clone();

@@ -43,9 +43,9 @@ use super::callback::{Callbacks, Failure, Message, Slot};
 use super::filter::Filters;
 use super::queue::{self, QueueLimits};
 use super::{ClientError, Stats};
-use crate::bus::connect::Backoff;
+use crate::bus::connect::{connect_once_with, gave_up, Backoff, ATTEMPT_LIMIT};
 use crate::bus::topology::Topology;
-use crate::bus::{redact_url, BusError};
+use crate::bus::{redact_url, refusal, BusError, Stage};
 
 /// Everything a running monitor needs to know, fixed at `start()`.
 #[derive(Debug, Clone)]
@@ -63,6 +63,8 @@ pub(crate) struct Plan {
     pub prefetch: u16,
     pub retries: u32,
     pub retry_delay: Duration,
+    /// Give up after transient faults lasting this long with no connection.
+    pub connect_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -211,22 +213,21 @@ enum End {
     Fatal(String),
 }
 
-fn classify(what: &str, e: &lapin::Error) -> End {
-    if let lapin::ErrorKind::ProtocolError(a) = e.kind() {
-        // ACCESS_REFUSED, PRECONDITION_FAILED (a queue declared with other arguments).
-        if matches!(a.get_id(), 403 | 406) {
-            return End::Fatal(format!("{what}: {e}"));
-        }
+/// Permanent (see [`BusError::is_permanent`]: access refused, a queue declared with
+/// other arguments...) or worth a reconnect, with the broker named.
+fn classify(what: &str, e: &lapin::Error, url: &str) -> End {
+    match refusal(e, Stage::Channel) {
+        Some(reason) => End::Fatal(format!("broker {}: {what}: {reason}", redact_url(url))),
+        None => End::Lost(format!("{what}: {e}")),
     }
-    End::Lost(format!("{what}: {e}"))
 }
 
-fn classify_bus(e: &BusError) -> End {
-    match e {
-        BusError::Amqp { what, source } | BusError::Connect { url: what, source } => {
-            classify(what, source)
-        }
-        BusError::Other(s) => End::Lost(s.clone()),
+fn classify_bus(e: BusError, url: &str) -> End {
+    let e = e.at(url);
+    if e.is_permanent() {
+        End::Fatal(e.to_string())
+    } else {
+        End::Lost(e.to_string())
     }
 }
 
@@ -235,15 +236,41 @@ async fn run(sh: Arc<Shared>) -> Result<(), ClientError> {
     let mut jobs: JoinSet<()> = JoinSet::new();
     let mut stop_rx = sh.stop.subscribe();
     let mut backoff = Backoff::default();
+    let mut down_since = tokio::time::Instant::now();
+    let mut attempts = 0u32;
     let result = loop {
         if *stop_rx.borrow_and_update() {
             break Ok(());
         }
         let received = sh.counters.received.load(Ordering::Relaxed);
-        match session(&sh, &sem, &mut jobs, &mut stop_rx).await {
+        let limit = match sh.plan.connect_timeout {
+            Some(t) => t
+                .saturating_sub(down_since.elapsed())
+                .clamp(Duration::from_millis(100), ATTEMPT_LIMIT),
+            None => ATTEMPT_LIMIT,
+        };
+        let mut connected = false;
+        let end = session(&sh, &sem, &mut jobs, &mut stop_rx, limit, &mut connected).await;
+        if connected {
+            down_since = tokio::time::Instant::now();
+            attempts = 0;
+        }
+        match end {
             End::Stopped => break Ok(()),
             End::Fatal(e) => break Err(ClientError::Broker(e)),
             End::Lost(e) => {
+                attempts += 1;
+                if let Some(t) = sh.plan.connect_timeout {
+                    if !connected && down_since.elapsed() >= t {
+                        let e = gave_up(
+                            &sh.plan.url,
+                            attempts,
+                            down_since.elapsed(),
+                            &BusError::Other(e),
+                        );
+                        break Err(ClientError::Broker(e.to_string()));
+                    }
+                }
                 sh.update(|l| {
                     l.ready = false;
                     l.queue = None;
@@ -270,45 +297,28 @@ async fn run(sh: Arc<Shared>) -> Result<(), ClientError> {
     result
 }
 
-async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(LongString::from(format!("buildbus monitor {name}")));
-    match tokio::time::timeout(Duration::from_secs(30), Connection::connect(url, props)).await {
-        Ok(r) => r,
-        Err(_) => Err(lapin::Error::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connecting took over 30 s",
-        ))),
-    }
-}
-
+/// One connection's life; `connected` tells the caller it got that far.
 async fn session(
     sh: &Arc<Shared>,
     sem: &Arc<Semaphore>,
     jobs: &mut JoinSet<()>,
     stop_rx: &mut watch::Receiver<bool>,
+    limit: Duration,
+    connected: &mut bool,
 ) -> End {
-    let conn = match connect(&sh.plan.url, &sh.plan.name).await {
+    let props = ConnectionProperties::default().with_connection_name(LongString::from(format!(
+        "buildbus monitor {}",
+        sh.plan.name
+    )));
+    let conn = match connect_once_with(&sh.plan.url, props, limit).await {
         Ok(c) => c,
-        Err(e) => {
-            return classify(
-                &format!("cannot connect to {}", redact_url(&sh.plan.url)),
-                &e,
-            )
-        }
+        Err(e) if e.is_permanent() => return End::Fatal(format!("cannot connect: {e}")),
+        Err(e) => return End::Lost(format!("cannot connect: {e}")),
     };
+    *connected = true;
     let end = consume(sh, &conn, sem, jobs, stop_rx).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
     end
-}
-
-macro_rules! tryl {
-    ($e:expr, $what:expr) => {
-        match $e {
-            Ok(v) => v,
-            Err(e) => return classify(&$what, &e),
-        }
-    };
 }
 
 async fn consume(
@@ -319,10 +329,18 @@ async fn consume(
     stop_rx: &mut watch::Receiver<bool>,
 ) -> End {
     let plan = &sh.plan;
+    macro_rules! tryl {
+        ($e:expr, $what:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(e) => return classify(&$what, &e, &plan.url),
+            }
+        };
+    }
     let ch = tryl!(conn.create_channel().await, "open a channel");
     let topo = Topology::new(&plan.prefix);
     if let Err(e) = topo.declare_exchanges(&ch).await {
-        return classify_bus(&e);
+        return classify_bus(e, &plan.url);
     }
     let dlx = topo.dead_letter_exchange();
     let queue = match &plan.queue {
@@ -419,7 +437,7 @@ async fn consume(
                     };
                     jobs.spawn(job.run(d, permit.take()));
                 }
-                Some(Err(e)) => return classify("consume", &e),
+                Some(Err(e)) => return classify("consume", &e, &plan.url),
                 None => return End::Lost("the broker cancelled the consumer".into()),
             },
         }

@@ -10,7 +10,9 @@
 //! store fails, the batch is retried with backoff, then message by message, and a
 //! message that keeps failing on its own is dead-lettered too, so one bad row never
 //! blocks the queue. A broker drop means reconnecting; unacked deliveries come back
-//! (maybe to another worker) and are deduplicated by `message_id` in the store.
+//! (maybe to another worker) and are deduplicated by `message_id` in the store. A
+//! refusal that retrying cannot fix (wrong password, missing vhost, refused permission)
+//! stops the pool with an error, and so does `connect_timeout` without a connection.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
@@ -23,11 +25,11 @@ use lapin::options::{
     ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::Channel;
+use lapin::{Channel, ConnectionProperties};
 use tokio::sync::oneshot;
 
 use super::validate::Validators;
-use crate::bus::connect::{connect, Backoff};
+use crate::bus::connect::{connect_once_with, gave_up, Backoff, ATTEMPT_LIMIT};
 use crate::bus::topology::{Topology, DSI_QUEUE};
 use crate::bus::BusError;
 use crate::model::Envelope;
@@ -43,6 +45,10 @@ pub struct DsiConfig {
     pub prefetch: u16,
     pub batch: usize,
     pub batch_wait: Duration,
+    /// Give up after transient broker faults (connection refused, a restart) lasting
+    /// this long with no connection (`None`: keep trying). Permanent refusals (wrong
+    /// password, missing vhost, refused permission) stop the pool at once anyway.
+    pub connect_timeout: Option<Duration>,
 }
 
 /// Counters shared by the workers of one pool.
@@ -67,6 +73,13 @@ pub enum DsiError {
     },
     #[error("{0}")]
     Other(String),
+}
+
+impl DsiError {
+    /// True when retrying cannot fix it (see [`BusError::is_permanent`]).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, DsiError::Bus(b) if b.is_permanent())
+    }
 }
 
 type Job = (
@@ -166,28 +179,69 @@ impl Worker {
         format!("dsi-{}-{}", std::process::id(), self.id)
     }
 
-    /// Runs until `stop`: connect, consume, store; reconnect on any broker trouble.
-    async fn run(self) {
+    /// Runs until `stop`: connect, consume, store; reconnect on transient broker
+    /// trouble. A permanent refusal, or no connection for longer than the connect
+    /// timeout, ends it with an error (and stops the other workers).
+    async fn run(self) -> Result<(), DsiError> {
         let mut backoff = Backoff::default();
+        let mut down_since = tokio::time::Instant::now();
+        let mut attempts = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
-            match self.session().await {
+            let limit = match self.cfg.connect_timeout {
+                Some(t) => t
+                    .saturating_sub(down_since.elapsed())
+                    .clamp(Duration::from_millis(100), ATTEMPT_LIMIT),
+                None => ATTEMPT_LIMIT,
+            };
+            let mut connected = false;
+            let result = self
+                .session(limit, &mut connected)
+                .await
+                .map_err(|e| match e {
+                    DsiError::Bus(b) => DsiError::Bus(b.at(&self.cfg.url)),
+                    e => e,
+                });
+            if connected {
+                down_since = tokio::time::Instant::now();
+                attempts = 0;
+            }
+            let e = match result {
                 Ok(()) => break,
-                Err(e) => {
-                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    let d = backoff.next_delay();
-                    tracing::warn!(
-                        "worker {}: {e}; reconnecting in {} ms",
-                        self.id,
-                        d.as_millis()
+                Err(e) if e.is_permanent() => {
+                    self.stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+                Err(e) => e,
+            };
+            attempts += 1;
+            if let Some(t) = self.cfg.connect_timeout {
+                if !connected && down_since.elapsed() >= t {
+                    self.stop.store(true, Ordering::Relaxed);
+                    let last = match e {
+                        DsiError::Bus(b) => b,
+                        e => BusError::Other(e.to_string()),
+                    };
+                    return Err(
+                        gave_up(&self.cfg.url, attempts, down_since.elapsed(), &last).into(),
                     );
-                    tokio::time::sleep(d).await;
                 }
             }
+            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            let d = backoff.next_delay();
+            tracing::warn!(
+                "worker {}: {e}; reconnecting in {} ms",
+                self.id,
+                d.as_millis()
+            );
+            tokio::time::sleep(d).await;
         }
+        Ok(())
     }
 
-    async fn session(&self) -> Result<(), DsiError> {
-        let conn = connect(&self.cfg.url, Some(Duration::from_secs(5))).await?;
+    /// One connection's life; `connected` tells the caller it got that far.
+    async fn session(&self, limit: Duration, connected: &mut bool) -> Result<(), DsiError> {
+        let conn = connect_once_with(&self.cfg.url, ConnectionProperties::default(), limit).await?;
+        *connected = true;
         let ch = conn
             .create_channel()
             .await
@@ -393,7 +447,9 @@ async fn ack(d: &Delivery) -> Result<(), DsiError> {
         .map_err(|e| BusError::amqp("ack")(e).into())
 }
 
-/// Runs the pool until `stop` is set; returns the shared counters.
+/// Runs the pool until `stop` is set (or a worker meets a refusal that retrying cannot
+/// fix, or runs out of its connect timeout: then every worker stops and that error
+/// comes back).
 pub async fn run_pool(
     cfg: DsiConfig,
     stop: Arc<AtomicBool>,
@@ -412,8 +468,16 @@ pub async fn run_pool(
         };
         handles.push(tokio::spawn(w.run()));
     }
+    let mut first: Option<DsiError> = None;
     for h in handles {
-        let _ = h.await;
+        let r = match h.await {
+            Ok(r) => r,
+            Err(e) => Err(DsiError::Other(format!("a worker died: {e}"))),
+        };
+        if let Err(e) = r {
+            stop.store(true, Ordering::Relaxed);
+            first.get_or_insert(e);
+        }
     }
-    Ok(())
+    first.map_or(Ok(()), Err)
 }
