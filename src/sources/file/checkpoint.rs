@@ -93,17 +93,22 @@ fn identity(source: &Path) -> std::io::Result<Identity> {
 enum Found {
     /// No checkpoint file.
     Missing,
+    /// The entries of a version-2 file.
     Entries(Vec<Entry>),
     /// The format before destinations.
     Old,
+    /// Anything else (not JSON, another version, a read error): warned about, and
+    /// replaced at the next save.
     Unreadable,
 }
 
 fn read(file: &Path) -> Found {
-    let Ok(text) = fs::read_to_string(file) else {
-        return Found::Missing;
+    let bytes = match fs::read(file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Found::Missing,
+        Err(_) => return Found::Unreadable,
     };
-    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
         return Found::Unreadable;
     };
     match value.get("version").and_then(|v| v.as_u64()) {
