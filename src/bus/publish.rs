@@ -96,6 +96,11 @@ impl<T: Clone> Publisher<T> {
         Ok(p)
     }
 
+    /// Where this publisher's messages go (the key of file checkpoints).
+    pub fn destination(&self) -> super::Destination {
+        super::Destination::of(&self.cfg.url, &self.cfg.topology.prefix)
+    }
+
     pub fn stats(&self) -> &PublishStats {
         &self.stats
     }

@@ -1,5 +1,6 @@
 //! `buildbus publish` and `buildbus setup`: files onto the bus, with confirms and
-//! checkpoints; the topology declared.
+//! checkpoints (per file and destination: the publisher's broker, vhost and exchange
+//! prefix); the topology declared.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,9 +32,11 @@ Examples:
 A message counts as published only when the broker confirmed it. If the broker goes
 away, publishing waits, reconnects and resends what was not confirmed (for ever, or
 until --connect-timeout SECS; a wrong password, a missing vhost or a refused permission
-end it at once, exit status 2). A checkpoint per
-file (in --checkpoint-dir) records the offset of the last confirmed event, so running
-the same command again resumes where it stopped.";
+end it at once, exit status 2). A checkpoint per file and destination (in
+--checkpoint-dir) records the offset of the last confirmed event, so running the same
+command again resumes where it stopped. The destination is the broker's host, port and
+vhost and the exchange prefix (not the credentials): the same file published to another
+broker or vhost is sent in full.";
 
 /// Translate build-event files and publish the messages to RabbitMQ.
 #[derive(Debug, Args)]

@@ -1,6 +1,10 @@
 //! Publishing a file source: read (and follow), translate, publish with confirms, and
 //! keep the file's checkpoint.
 //!
+//! The checkpoint is kept per destination: its entry is keyed by the publisher's
+//! [`Destination`](crate::bus::Destination) (broker host and port, vhost, exchange
+//! prefix), so the same file published to another broker or vhost is sent in full.
+//!
 //! The reader runs on a blocking thread and hands messages over a bounded channel, so
 //! when the publisher's in-flight window is full the reader waits: memory stays bounded
 //! however large the file or long the outage. The checkpoint only moves to an offset
@@ -27,7 +31,8 @@ use crate::systems::Context;
 pub struct FileOptions {
     pub format: Option<Format>,
     pub follow: Option<Follow>,
-    /// The checkpoint file (`None`: no checkpoint).
+    /// The checkpoint file (`None`: no checkpoint). Its entry for this file is the one of
+    /// the publisher's destination ([`Publisher::destination`]).
     pub checkpoint: Option<PathBuf>,
     /// The artifact scanner of the build directory: when a build's `finished` message
     /// is read, the build's artifacts are published right after it (at the same
@@ -63,13 +68,14 @@ pub async fn publish_file(
     opts: &FileOptions,
     window: usize,
 ) -> Result<FileReport, BusError> {
+    let dest = publisher.destination();
     let resume = opts
         .checkpoint
         .as_deref()
-        .map(|cp| checkpoint::load(cp, path))
+        .map(|cp| checkpoint::load(cp, &dest, path))
         .unwrap_or(0);
     if resume > 0 {
-        tracing::info!("{}: resuming after byte {resume}", path.display());
+        tracing::info!("{}: resuming after byte {resume} ({dest})", path.display());
     }
     let (tx, mut rx) = mpsc::channel::<Item>(window.max(16));
     let reader = {
@@ -104,7 +110,7 @@ pub async fn publish_file(
         .with_artifacts(opts.artifacts.clone());
     let save = |at: u64| {
         if let Some(cp) = opts.checkpoint.as_deref() {
-            if let Err(e) = checkpoint::save(cp, path, at) {
+            if let Err(e) = checkpoint::save(cp, &dest, path, at) {
                 tracing::warn!("{}: cannot write checkpoint: {e}", cp.display());
             }
         }

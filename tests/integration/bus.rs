@@ -377,3 +377,74 @@ fn bitbake_logs_publish_and_follow() {
         .collect();
     assert_eq!(got, want);
 }
+
+/// A checkpoint belongs to a destination (broker host and port, vhost, exchange prefix),
+/// not to the file alone: the same file with the same checkpoint file is published in
+/// full to a second broker and to another vhost, and skipped where it was confirmed,
+/// whatever credentials reach that broker.
+#[test]
+fn checkpoints_belong_to_their_destination() {
+    let a = RabbitNode::start(&infra_dir()).expect("broker A");
+    let b = RabbitNode::start(&infra_dir()).expect("broker B");
+    let (url_a, url_b) = (a.amqp_url(), b.amqp_url());
+    let dir = tempdir();
+    let files = ["bazel/test_mixed.json", "bazel/build_ok.bin"];
+    let n = expected_ids(&files).len() as u64;
+    assert!(n > 0);
+    let rt = rt();
+    // A: everything.
+    assert_eq!(
+        rt.block_on(publish_all(&url_a, &files, Some(dir.path()))),
+        (n, 0)
+    );
+    assert_eq!(rt.block_on(drain(&url_a, DSI_QUEUE)).len() as u64, n);
+    // B, a fresh broker, same checkpoint files: everything again.
+    assert_eq!(
+        rt.block_on(publish_all(&url_b, &files, Some(dir.path()))),
+        (n, 0),
+        "a new destination gets every message"
+    );
+    assert_eq!(rt.block_on(drain(&url_b, DSI_QUEUE)).len() as u64, n);
+    // A again: nothing new, with the same or other credentials.
+    assert_eq!(
+        rt.block_on(publish_all(&url_a, &files, Some(dir.path()))),
+        (0, n)
+    );
+    a.rabbitmqctl(&["add_user", "ckpt", "other-secret"])
+        .expect("add_user");
+    a.rabbitmqctl(&["set_permissions", "-p", "/", "ckpt", ".*", ".*", ".*"])
+        .expect("set_permissions");
+    let other_user = url_a.replace("guest:guest@", "ckpt:other-secret@");
+    assert_ne!(other_user, url_a);
+    assert_eq!(
+        rt.block_on(publish_all(&other_user, &files, Some(dir.path()))),
+        (0, n),
+        "credentials are not part of the destination"
+    );
+    assert_eq!(rt.block_on(drain(&url_a, DSI_QUEUE)).len(), 0);
+    // Another vhost of A: a destination of its own.
+    let vh = vhost_on(&a, "ckpt-other");
+    assert_eq!(
+        rt.block_on(publish_all(&vh, &files, Some(dir.path()))),
+        (n, 0)
+    );
+    assert_eq!(rt.block_on(drain(&vh, DSI_QUEUE)).len() as u64, n);
+    // B again through the command line: every message skipped.
+    let path = fixture(files[0]);
+    let o = buildbus(&[
+        "publish",
+        "--url",
+        &url_b,
+        "--checkpoint-dir",
+        dir.path().to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let want = expected_ids(&files[..1]).len();
+    assert!(
+        err.contains(&format!("0 messages published (confirmed), {want} skipped")),
+        "{err}"
+    );
+    assert_eq!(rt.block_on(drain(&url_b, DSI_QUEUE)).len(), 0);
+}
