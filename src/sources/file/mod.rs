@@ -179,10 +179,9 @@ fn run<R: BufRead>(
             }
             None => {
                 report.incomplete = true;
-                let what = framer.describe_partial();
                 report
                     .errors
-                    .push(InputError::new(pos, Reason::Truncated(what)));
+                    .push(InputError::new(pos, framer.partial_reason()));
             }
         }
     }
