@@ -282,7 +282,10 @@ mod tests {
         p.send(msg(3)).await.unwrap();
         p.mark(25);
         p.mark(25);
-        assert_eq!((p.durable(), p.emitted(), p.unconfirmed()), (Some(25), 3, 0));
+        assert_eq!(
+            (p.durable(), p.emitted(), p.unconfirmed()),
+            (Some(25), 3, 0)
+        );
         assert!(!p.is_open());
         assert_eq!(p.close().await.unwrap(), None);
     }
