@@ -250,3 +250,46 @@ fn empty_missing_and_unknown() {
     let o = buildbus(&["translate", "--format", "nope", "x"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// Inputs that used to pass quietly are bad events: an error with its position each,
+/// exit 1, everything valid still translated; a long run of them is reported compactly.
+#[test]
+fn bad_variables_and_empty_frames_are_errors_with_positions() {
+    // A BitBake `allvariables` line whose value is not a mapping, in the middle.
+    let text = std::fs::read_to_string(fixture("bitbake/success.eventlog")).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    let at = lines.len() / 2;
+    let offset: usize = lines[..at].iter().map(|l| l.len() + 1).sum();
+    lines.insert(at, r#"{"allvariables": 5}"#);
+    let data = lines.join("\n") + "\n";
+    let (o, out, err) = translate_bytes("vars.eventlog", data.as_bytes(), &[]);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let want = format!(
+        "vars.eventlog: line {} (byte {offset}): invalid event: allvariables is a number, \
+         not a mapping of variables",
+        at + 1
+    );
+    assert!(err.contains(&want), "{err}");
+    assert_eq!(out.len(), clean("bitbake/success.eventlog").len(), "{err}");
+
+    // 100,000 empty frames (varint 0) after a whole binary BEP stream.
+    let bin = std::fs::read(fixture("bazel/build_ok.bin")).unwrap();
+    let data = [bin.as_slice(), &[0u8; 100_000]].concat();
+    let (o, out, err) = translate_bytes("empty.bin", &data, &[]);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(out.len(), clean("bazel/build_ok.bin").len(), "{err}");
+    let want = format!(
+        "(byte {}): invalid protobuf: empty frame (length 0): no BuildEvent in it \
+         [100000 bad events like this one in a row, the last at event #",
+        bin.len()
+    );
+    assert!(
+        err.contains("empty.bin: event #") && err.contains(&want),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("(byte {})]", bin.len() + 99_999)),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
