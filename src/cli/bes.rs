@@ -27,6 +27,8 @@ Examples:
       --auth-token \"$TOKEN\"
   bazel build //... --bes_backend=grpcs://ci-bus:8985 \\
       --bes_header=Authorization=\"Bearer $TOKEN\" --tls_certificate=ca.pem
+  # A trusted network without auth: say so
+  buildbus bes --listen 0.0.0.0:8985 --insecure
   # Print the messages instead of publishing them
   buildbus bes --print
   # Also scan the workspace's bazel-bin/bazel-testlogs when each build finishes
@@ -35,7 +37,12 @@ Examples:
 Each event is acknowledged to Bazel only once every message derived from it (and from
 all events before it) is confirmed by the broker; while the broker is away acks wait
 and Bazel keeps its events. Events of open builds are kept in the spool directory, so
-a restarted backend takes Bazel's retried stream where it left off.";
+a restarted backend takes Bazel's retried stream where it left off.
+
+On a non-loopback address the backend requires --auth-token or --auth-header (anyone
+who can reach the port could otherwise put builds on the bus); it refuses to start
+without one unless given --insecure, and then logs a warning. Credentials without TLS
+on such an address are logged as a warning too.";
 
 /// Serve the Bazel Build Event Service: live builds onto the bus.
 #[derive(Debug, Args)]
@@ -92,6 +99,11 @@ pub struct BesArgs {
         hide_env_values = true
     )]
     pub auth_header: Option<String>,
+    /// Serve on a non-loopback address without --auth-token/--auth-header: anyone who
+    /// can reach the port can send builds onto the bus (a warning is logged). Without
+    /// it, such an address with no auth is refused.
+    #[arg(long)]
+    pub insecure: bool,
     #[command(flatten)]
     pub artifacts: super::aam::BuildDirArgs,
     #[command(flatten)]
@@ -114,7 +126,31 @@ fn auth_of(a: &BesArgs) -> anyhow::Result<Auth> {
     Ok(Auth::None)
 }
 
+/// A non-loopback address with no auth is refused unless the user says `--insecure`.
+fn check_exposure(a: &BesArgs, auth: &Auth) -> anyhow::Result<()> {
+    if !matches!(auth, Auth::None) || a.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if !a.insecure {
+        anyhow::bail!(
+            "refusing to listen on {} without authentication: it is not a loopback \
+             address, so anyone who can reach it could send builds onto the bus; set \
+             --auth-token (or --auth-header), best with --tls-cert/--tls-key, or pass \
+             --insecure to serve anyway",
+            a.listen
+        );
+    }
+    tracing::warn!(
+        "--insecure: listening on {} without authentication; anyone who can reach it can \
+         send builds onto the bus",
+        a.listen
+    );
+    Ok(())
+}
+
 pub fn run(cli: &Cli, a: &BesArgs) -> anyhow::Result<ExitCode> {
+    let auth = auth_of(a)?;
+    check_exposure(a, &auth)?;
     let (cfg, ctx) = super::context(cli.config.as_deref(), &a.fields)?;
     let publisher = (!a.print).then(|| {
         let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
@@ -135,7 +171,7 @@ pub fn run(cli: &Cli, a: &BesArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|| checkpoint::default_dir().with_file_name("bes-spool")),
         )
     };
-    bcfg.auth = auth_of(a)?;
+    bcfg.auth = auth;
     if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
         let cert = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
         let key = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;

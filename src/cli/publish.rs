@@ -151,7 +151,7 @@ pub fn publish(cli: &Cli, a: &PublishArgs) -> anyhow::Result<ExitCode> {
                 artifacts: scanner.clone(),
             };
             let r = publish_file(&mut publisher, path, ctx.clone(), &opts, a.window).await?;
-            for e in &r.stream.errors {
+            for e in r.stream.error_lines() {
                 eprintln!("buildbus: error: {e}");
             }
             failed |= !r.stream.clean();

@@ -75,7 +75,7 @@ pub fn run(cli: &Cli, a: &TranslateArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         });
-        for e in &report.errors {
+        for e in report.error_lines() {
             eprintln!("buildbus: error: {e}");
         }
         if report.unknown > 0 {

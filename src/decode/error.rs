@@ -40,8 +40,10 @@ pub enum Reason {
     Empty,
     #[error("truncated: {0}")]
     Truncated(String),
-    #[error("event of {size} bytes is over the limit of {limit} bytes (limits.max_event_bytes); skipped")]
-    Oversized { size: u64, limit: u64 },
+    /// An event over `limits.max_event_bytes` (`limit`), skipped without being held in
+    /// memory; `what` says what the framer saw of it.
+    #[error("{}", oversized(.what, *.limit))]
+    Oversized { what: Oversize, limit: u64 },
     #[error("not valid UTF-8 (at byte {0} of the line)")]
     InvalidUtf8(usize),
     #[error("invalid JSON: {0}")]
@@ -52,6 +54,54 @@ pub enum Reason {
     Event(String),
     #[error("cannot tell the format: {0}")]
     Format(String),
+}
+
+/// What an event over the size limit looked like to the framer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Oversize {
+    /// A line of `size` bytes (without its line end).
+    Line { size: u64 },
+    /// No line end within the limit: the input ended `read` bytes after the line's start.
+    NoLineEnd { read: u64 },
+    /// A length prefix declaring `size` bytes; `read` is set when the input ended `read`
+    /// bytes into the frame.
+    Frame { size: u64, read: Option<u64> },
+}
+
+/// A byte count as people say it: `64 MiB`, `8 KiB`, `10000 bytes`.
+pub fn human_bytes(n: u64) -> String {
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    match n {
+        n if n >= GIB && n % GIB == 0 => format!("{} GiB", n / GIB),
+        n if n >= MIB && n % MIB == 0 => format!("{} MiB", n / MIB),
+        n if n >= KIB && n % KIB == 0 => format!("{} KiB", n / KIB),
+        n => format!("{n} bytes"),
+    }
+}
+
+fn oversized(what: &Oversize, limit: u64) -> String {
+    let limit = human_bytes(limit);
+    match *what {
+        Oversize::Line { size } => format!(
+            "a line of {size} bytes exceeds the limit of {limit} (limits.max_event_bytes); skipped"
+        ),
+        Oversize::NoLineEnd { read } => format!(
+            "no line end within the limit of {limit} (limits.max_event_bytes): \
+             the input ends {read} bytes after the line's start"
+        ),
+        Oversize::Frame { size, read: None } => format!(
+            "frame declares {size} bytes, over the limit of {limit} (limits.max_event_bytes); skipped"
+        ),
+        Oversize::Frame {
+            size,
+            read: Some(read),
+        } => format!(
+            "frame declares {size} bytes, over the limit of {limit} (limits.max_event_bytes); \
+             the input ends {read} bytes into it"
+        ),
+    }
 }
 
 /// An input error at a position.

@@ -12,7 +12,7 @@
 
 use std::io::{BufRead, ErrorKind};
 
-use super::error::{InputError, Position, Reason};
+use super::error::{InputError, Oversize, Position, Reason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Framing {
@@ -61,10 +61,19 @@ pub struct Framer<R> {
     frame_start: u64,
     /// Frames (or lines) started so far.
     index: u64,
-    /// Bytes still to throw away of an oversized frame, and its size.
-    discarding: Option<(u64, u64)>,
+    /// The oversized event being thrown away, if any.
+    discarding: Option<Discard>,
     /// The decoded length of the current varint frame, once its prefix is complete.
     want: Option<u64>,
+}
+
+/// An oversized event being thrown away.
+#[derive(Debug, Clone, Copy)]
+enum Discard {
+    /// A line: `seen` bytes of it so far, its line end not found yet.
+    Line { seen: u64 },
+    /// A varint frame declaring `size` bytes: `left` of them still to skip.
+    Frame { left: u64, size: u64 },
 }
 
 /// `fill_buf`, retrying interrupted reads.
@@ -181,20 +190,36 @@ impl<R: BufRead> Framer<R> {
         })
     }
 
-    /// Says what the partial frame at the end of the data is missing.
-    pub fn describe_partial(&self) -> String {
-        match (self.framing, self.want, self.discarding) {
-            (_, _, Some((left, size))) => {
-                format!("the input ends inside an oversized event of {size} bytes ({left} bytes missing)")
-            }
-            (Framing::Varint, Some(want), None) => format!(
+    /// Says what is wrong with the partial frame at the end of the data: an oversized
+    /// event (a line with no line end within the limit, or a frame declaring more than
+    /// it) or what a frame of normal size is missing.
+    pub fn partial_reason(&self) -> Reason {
+        let limit = self.limit;
+        match self.discarding {
+            Some(Discard::Line { seen }) => Reason::Oversized {
+                what: Oversize::NoLineEnd { read: seen },
+                limit,
+            },
+            Some(Discard::Frame { left, size }) => Reason::Oversized {
+                what: Oversize::Frame {
+                    size,
+                    read: Some(size - left),
+                },
+                limit,
+            },
+            None => Reason::Truncated(self.describe_partial()),
+        }
+    }
+
+    /// Says what the partial frame (of normal size) at the end of the data is missing.
+    fn describe_partial(&self) -> String {
+        match (self.framing, self.want) {
+            (Framing::Varint, Some(want)) => format!(
                 "the input ends {} bytes into an event of {want} bytes",
                 self.buf.len()
             ),
-            (Framing::Varint, None, None) => {
-                "the input ends inside an event's length prefix".to_string()
-            }
-            (Framing::JsonLines, _, None) => {
+            (Framing::Varint, None) => "the input ends inside an event's length prefix".to_string(),
+            (Framing::JsonLines, _) => {
                 format!(
                     "the last line ({} bytes) has no end of line",
                     self.buf.len()
@@ -224,7 +249,7 @@ impl<R: BufRead> Framer<R> {
         }
     }
 
-    fn oversized(&mut self, size: u64) -> Next {
+    fn oversized(&mut self, what: Oversize) -> Next {
         let pos = self.position(self.frame_start, self.index + 1);
         self.index += 1;
         self.buf.clear();
@@ -232,7 +257,7 @@ impl<R: BufRead> Framer<R> {
         Next::Skipped(InputError::new(
             pos,
             Reason::Oversized {
-                size,
+                what,
                 limit: self.limit,
             },
         ))
@@ -256,13 +281,15 @@ impl<R: BufRead> Framer<R> {
             let newline = chunk.iter().position(|&b| b == b'\n');
             let take = newline.map_or(chunk.len(), |i| i + 1);
             let body = newline.map_or(chunk.len(), |i| i);
-            if let Some((seen, _)) = self.discarding.as_mut() {
+            if let Some(Discard::Line { seen }) = self.discarding.as_mut() {
                 *seen += take as u64;
                 let size = *seen;
                 self.consume(take);
                 if newline.is_some() {
                     self.discarding = None;
-                    return self.oversized(size.saturating_sub(1));
+                    return self.oversized(Oversize::Line {
+                        size: size.saturating_sub(1),
+                    });
                 }
                 continue;
             }
@@ -271,9 +298,11 @@ impl<R: BufRead> Framer<R> {
                 self.buf.clear();
                 self.consume(take);
                 if newline.is_some() {
-                    return self.oversized(seen.saturating_sub(1));
+                    return self.oversized(Oversize::Line {
+                        size: seen.saturating_sub(1),
+                    });
                 }
-                self.discarding = Some((seen, 0));
+                self.discarding = Some(Discard::Line { seen });
                 continue;
             }
             self.buf.extend_from_slice(&chunk[..body]);
@@ -300,10 +329,10 @@ impl<R: BufRead> Framer<R> {
     fn next_varint(&mut self) -> Next {
         loop {
             // Throwing away an oversized frame.
-            if let Some((left, size)) = self.discarding {
+            if let Some(Discard::Frame { left, size }) = self.discarding {
                 if left == 0 {
                     self.discarding = None;
-                    return self.oversized(size);
+                    return self.oversized(Oversize::Frame { size, read: None });
                 }
                 let avail = match fill(&mut self.reader) {
                     Ok(c) => c.len(),
@@ -316,7 +345,10 @@ impl<R: BufRead> Framer<R> {
                 }
                 let n = (avail as u64).min(left) as usize;
                 self.consume(n);
-                self.discarding = Some((left - n as u64, size));
+                self.discarding = Some(Discard::Frame {
+                    left: left - n as u64,
+                    size,
+                });
                 continue;
             }
             // The length prefix, in one step when the buffered data holds all of it.
@@ -329,7 +361,10 @@ impl<R: BufRead> Framer<R> {
                     self.frame_start = self.offset;
                     self.consume(n);
                     if len > self.limit {
-                        self.discarding = Some((len, len));
+                        self.discarding = Some(Discard::Frame {
+                            left: len,
+                            size: len,
+                        });
                         continue;
                     }
                     self.want = Some(len);
@@ -372,7 +407,10 @@ impl<R: BufRead> Framer<R> {
                 }
                 self.buf.clear();
                 if len > self.limit {
-                    self.discarding = Some((len, len));
+                    self.discarding = Some(Discard::Frame {
+                        left: len,
+                        size: len,
+                    });
                     continue;
                 }
                 self.want = Some(len);
@@ -465,7 +503,7 @@ mod tests {
         assert!(matches!(
             bad[0].reason,
             Reason::Oversized {
-                size: 50,
+                what: Oversize::Line { size: 50 },
                 limit: 10
             }
         ));
@@ -488,6 +526,105 @@ mod tests {
         assert_eq!(ok[2].index, 4);
         let p = partial.unwrap();
         assert_eq!(p.start, data.len() as u64 - 1);
+    }
+
+    /// Every frame, skipped frame and the error of the partial frame at the end, as
+    /// text (with their positions), read `cap` bytes at a time.
+    fn report(data: &[u8], framing: Framing, limit: u64, cap: usize) -> Vec<String> {
+        let reader = std::io::BufReader::with_capacity(cap, Cursor::new(data.to_vec()));
+        let mut f = Framer::new(reader, framing, "t.json", limit);
+        let mut got = Vec::new();
+        loop {
+            match f.next_frame() {
+                Next::Frame(fr) => got.push(format!(
+                    "frame {} at {}: {}",
+                    fr.index,
+                    fr.start,
+                    String::from_utf8_lossy(&fr.bytes)
+                )),
+                Next::Skipped(e) => got.push(e.to_string()),
+                Next::End { partial: None } => return got,
+                Next::End { partial: Some(p) } => {
+                    let e = InputError::new(f.position(p.start, p.index), f.partial_reason());
+                    got.push(e.to_string());
+                    return got;
+                }
+                Next::Failed(e) => {
+                    got.push(format!("failed: {e}"));
+                    return got;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_messages_say_what_happened_and_where() {
+        // A line with no line end at all within the limit (nor after it).
+        let mut data = b"{}\n".to_vec();
+        data.extend(vec![b'a'; 50]);
+        for cap in [1, 7, 1 << 16] {
+            assert_eq!(
+                report(&data, Framing::JsonLines, 10, cap),
+                [
+                    "frame 1 at 0: {}",
+                    "t.json: line 2 (byte 3): no line end within the limit of 10 bytes \
+                     (limits.max_event_bytes): the input ends 50 bytes after the line's start"
+                ],
+                "read size {cap}"
+            );
+        }
+        // A line that ends after the limit: skipped, the good lines after it are kept.
+        data.extend(b"\n{\"b\":2}\n[]\n");
+        for cap in [1, 7, 1 << 16] {
+            assert_eq!(
+                report(&data, Framing::JsonLines, 10, cap),
+                [
+                    "frame 1 at 0: {}",
+                    "t.json: line 2 (byte 3): a line of 50 bytes exceeds the limit of 10 bytes \
+                     (limits.max_event_bytes); skipped",
+                    "frame 3 at 54: {\"b\":2}",
+                    "frame 4 at 62: []",
+                ],
+                "read size {cap}"
+            );
+        }
+        // A varint frame declaring more than the limit: skipped whole, then the next one.
+        let mut bin = vec![1, b'x', 20];
+        bin.extend(vec![b'z'; 20]);
+        bin.extend([2, b'o', b'k']);
+        for cap in [1, 7, 1 << 16] {
+            assert_eq!(
+                report(&bin, Framing::Varint, 10, cap),
+                [
+                    "frame 1 at 0: x",
+                    "t.json: event #2 (byte 2): frame declares 20 bytes, over the limit of \
+                     10 bytes (limits.max_event_bytes); skipped",
+                    "frame 3 at 23: ok",
+                ],
+                "read size {cap}"
+            );
+        }
+        // ... and one the input ends inside (a 2-byte prefix: 300 bytes).
+        let mut bin = vec![1, b'x', 0xac, 0x02];
+        bin.extend(vec![b'z'; 5]);
+        assert_eq!(
+            report(&bin, Framing::Varint, 10, 1 << 16),
+            [
+                "frame 1 at 0: x",
+                "t.json: event #2 (byte 2): frame declares 300 bytes, over the limit of \
+                 10 bytes (limits.max_event_bytes); the input ends 5 bytes into it",
+            ]
+        );
+        // The limit as configured by default reads as people say it.
+        let e = Reason::Oversized {
+            what: Oversize::NoLineEnd { read: 104_857_601 },
+            limit: 64 << 20,
+        };
+        assert_eq!(
+            e.to_string(),
+            "no line end within the limit of 64 MiB (limits.max_event_bytes): \
+             the input ends 104857601 bytes after the line's start"
+        );
     }
 
     #[test]

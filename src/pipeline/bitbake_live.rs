@@ -69,7 +69,10 @@ where
                 };
                 tr.event(event, &mut emit);
                 if let Some(vars) = ev.variables.as_ref() {
-                    tr.event(BbEvent::Variables(variables_from_json(vars)), &mut emit);
+                    match variables_from_json(vars) {
+                        Ok(v) => tr.event(BbEvent::Variables(v), &mut emit),
+                        Err(e) => errors.push(format!("{origin}: event #{}: {e}", ev.seq)),
+                    }
                 }
             }
             Err(e) => errors.push(format!("{origin}: event #{}: {e}", ev.seq)),

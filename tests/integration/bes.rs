@@ -816,3 +816,84 @@ fn bad_events_are_skipped_and_the_build_goes_on() {
         backend.stop().await.unwrap();
     });
 }
+
+/// `buildbus bes` with `args`, no BUILDBUS_* environment (no token from outside), stderr
+/// piped.
+fn bes_command(args: &[&str]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_buildbus"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("BUILDBUS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("bes")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("buildbus bes")
+}
+
+/// A non-loopback address without auth is refused at start unless `--insecure` is
+/// given; with it the backend starts, after a warning.
+#[test]
+fn non_loopback_without_auth_needs_insecure() {
+    use std::io::{BufRead, BufReader, Read};
+
+    let args = ["--listen", "0.0.0.0:0", "--print", "--no-spool"];
+    let mut child = bes_command(&args);
+    let exited = wait_until(20, || matches!(child.try_wait(), Ok(Some(_))));
+    if !exited {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        panic!("buildbus bes on 0.0.0.0 without auth did not stop by itself");
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0:0 without authentication")
+            && err.contains("--auth-token")
+            && err.contains("--insecure"),
+        "{err}"
+    );
+
+    // With --insecure: a warning, then it listens (stopped here by the test).
+    let mut child = bes_command(&[&args[..], &["--insecure"]].concat());
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let listening = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("buildbus bes: listening on 0.0.0.0:") => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(listening, "no listening line: {seen:?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("WARN") && l.contains("without authentication")),
+        "{seen:?}"
+    );
+}

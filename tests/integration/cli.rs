@@ -159,9 +159,61 @@ fn invalid_utf8_and_oversized_lines() {
     std::fs::write(&cfg, "[limits]\nmax_event_bytes = 10000\n").unwrap();
     let (o, out, err) = translate_bytes("big.json", &text, &["--config", cfg.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(err.contains("over the limit of 10000 bytes"), "{err}");
+    assert!(err.contains("exceeds the limit of 10000 bytes"), "{err}");
     assert!(err.contains("big.json: line "), "{err}");
     assert!(!out.is_empty());
+}
+
+/// Oversized events name the file, the byte offset where the event starts, the limit
+/// and what happened; the events after a skipped one are still translated.
+#[test]
+fn oversized_events_say_where_and_what() {
+    let dir = tempdir();
+    let cfg = dir.path().join("16k.toml");
+    std::fs::write(&cfg, "[limits]\nmax_event_bytes = 16384\n").unwrap();
+    let cfg = ["--config", cfg.to_str().unwrap()];
+    let text = std::fs::read(fixture("bazel/build_ok.json")).unwrap();
+    let want = clean("bazel/build_ok.json").len();
+    let big = [b"{".as_slice(), &[b'a'; 20_000]].concat();
+
+    // A long line that ends after the limit, then the good lines.
+    let data = [big.as_slice(), b"\n", &text].concat();
+    let (o, out, err) = translate_bytes("long.json", &data, &cfg);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "long.json: line 1 (byte 0): a line of 20001 bytes exceeds the limit of 16 KiB"
+        ),
+        "{err}"
+    );
+    assert_eq!(out.len(), want, "{err}");
+
+    // No line end at all after the good lines.
+    let data = [text.as_slice(), &big].concat();
+    let lines = text.iter().filter(|&&b| b == b'\n').count();
+    let (o, out, err) = translate_bytes("nolf.json", &data, &cfg);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let msg = format!(
+        "nolf.json: line {} (byte {}): no line end within the limit of 16 KiB \
+         (limits.max_event_bytes): the input ends 20001 bytes after the line's start",
+        lines + 1,
+        text.len()
+    );
+    assert!(err.contains(&msg), "{err}");
+    assert_eq!(out.len(), want, "{err}");
+
+    // Binary: a length prefix declaring more than the limit (20000 = 0xa0 0x9c 0x01).
+    let bin = std::fs::read(fixture("bazel/build_ok.bin")).unwrap();
+    let data = [[0xa0, 0x9c, 0x01].as_slice(), &big[..20_000], &bin].concat();
+    let (o, out, err) = translate_bytes("big.bin", &data, &cfg);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "big.bin: event #1 (byte 0): frame declares 20000 bytes, over the limit of 16 KiB"
+        ),
+        "{err}"
+    );
+    assert_eq!(out.len(), clean("bazel/build_ok.bin").len(), "{err}");
 }
 
 #[test]
@@ -197,4 +249,47 @@ fn empty_missing_and_unknown() {
 
     let o = buildbus(&["translate", "--format", "nope", "x"]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+/// Inputs that used to pass quietly are bad events: an error with its position each,
+/// exit 1, everything valid still translated; a long run of them is reported compactly.
+#[test]
+fn bad_variables_and_empty_frames_are_errors_with_positions() {
+    // A BitBake `allvariables` line whose value is not a mapping, in the middle.
+    let text = std::fs::read_to_string(fixture("bitbake/success.eventlog")).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    let at = lines.len() / 2;
+    let offset: usize = lines[..at].iter().map(|l| l.len() + 1).sum();
+    lines.insert(at, r#"{"allvariables": 5}"#);
+    let data = lines.join("\n") + "\n";
+    let (o, out, err) = translate_bytes("vars.eventlog", data.as_bytes(), &[]);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let want = format!(
+        "vars.eventlog: line {} (byte {offset}): invalid event: allvariables is a number, \
+         not a mapping of variables",
+        at + 1
+    );
+    assert!(err.contains(&want), "{err}");
+    assert_eq!(out.len(), clean("bitbake/success.eventlog").len(), "{err}");
+
+    // 100,000 empty frames (varint 0) after a whole binary BEP stream.
+    let bin = std::fs::read(fixture("bazel/build_ok.bin")).unwrap();
+    let data = [bin.as_slice(), &[0u8; 100_000]].concat();
+    let (o, out, err) = translate_bytes("empty.bin", &data, &[]);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(out.len(), clean("bazel/build_ok.bin").len(), "{err}");
+    let want = format!(
+        "(byte {}): invalid protobuf: empty frame (length 0): no BuildEvent in it \
+         [100000 bad events like this one in a row, the last at event #",
+        bin.len()
+    );
+    assert!(
+        err.contains("empty.bin: event #") && err.contains(&want),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("(byte {})]", bin.len() + 99_999)),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
 }

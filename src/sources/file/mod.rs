@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::decode::error::{InputError, Reason};
+use crate::decode::error::{InputError, Position, Reason};
 use crate::decode::framing::{Framer, Framing, Next};
 use crate::model::{Envelope, SourceMeta};
 pub use crate::systems::Format;
@@ -32,12 +32,34 @@ pub struct StreamReport {
     /// Builds seen.
     pub builds: u64,
     pub messages: u64,
-    /// Bad events (skipped) and the error that stopped the input, if any.
+    /// Bad events (skipped) and the error that stopped the input, if any; add them with
+    /// [`StreamReport::error`]. Of a run of errors with the same reason, one after the
+    /// other, only the first is here (the run is in `repeats`); after
+    /// [`MAX_KEPT_ERRORS`] kept errors the others are only counted (`errors_not_kept`),
+    /// so a stream of bad events does not fill memory or flood the terminal.
     pub errors: Vec<InputError>,
+    /// The runs of repeated errors, in order.
+    pub repeats: Vec<Repeats>,
+    /// Errors after the kept ones, only counted.
+    pub errors_not_kept: u64,
     /// The input could not be read to its end.
     pub incomplete: bool,
     /// Offset just past the last complete event.
     pub end_offset: u64,
+}
+
+/// At most this many errors (runs of repeats count as one) are kept per input.
+pub const MAX_KEPT_ERRORS: usize = 100;
+
+/// A run of errors with the same reason, one after the other, folded into its first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repeats {
+    /// Index in [`StreamReport::errors`] of the run's first error.
+    pub first: usize,
+    /// Errors in the run after the first.
+    pub more: u64,
+    /// Where the last of them is.
+    pub last: Position,
 }
 
 impl StreamReport {
@@ -45,6 +67,78 @@ impl StreamReport {
     pub fn clean(&self) -> bool {
         self.errors.is_empty() && !self.incomplete
     }
+
+    /// Adds an error: kept, folded into the run of its predecessor when it has the same
+    /// reason, or (past [`MAX_KEPT_ERRORS`]) only counted.
+    pub fn error(&mut self, e: InputError) {
+        if self.errors_not_kept == 0 {
+            if let Some(prev) = self.errors.last() {
+                if prev.reason == e.reason {
+                    let first = self.errors.len() - 1;
+                    match self.repeats.last_mut() {
+                        Some(r) if r.first == first => {
+                            r.more += 1;
+                            r.last = e.pos;
+                        }
+                        _ => self.repeats.push(Repeats {
+                            first,
+                            more: 1,
+                            last: e.pos,
+                        }),
+                    }
+                    return;
+                }
+            }
+            if self.errors.len() < MAX_KEPT_ERRORS {
+                self.errors.push(e);
+                return;
+            }
+        }
+        self.errors_not_kept += 1;
+    }
+
+    /// Errors in all: kept, folded into runs, and only counted.
+    pub fn error_count(&self) -> u64 {
+        self.errors.len() as u64
+            + self.repeats.iter().map(|r| r.more).sum::<u64>()
+            + self.errors_not_kept
+    }
+
+    /// The errors as lines for people: one per kept error, a run of repeats on the line
+    /// of its first error, and a last line counting the errors not kept.
+    pub fn error_lines(&self) -> Vec<String> {
+        let mut reps = self.repeats.iter().peekable();
+        let mut lines: Vec<String> = self
+            .errors
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match reps.next_if(|r| r.first == i) {
+                Some(r) => format!(
+                    "{e} [{} bad events like this one in a row, the last at {}]",
+                    r.more + 1,
+                    short(&r.last)
+                ),
+                None => e.to_string(),
+            })
+            .collect();
+        if self.errors_not_kept > 0 {
+            lines.push(format!(
+                "{}: {} more errors not shown ({} in all)",
+                self.origin,
+                self.errors_not_kept,
+                self.error_count()
+            ));
+        }
+        lines
+    }
+}
+
+/// A position without its origin: `line 7 (byte 120)`, `event #3 (byte 40)`.
+fn short(pos: &Position) -> String {
+    let full = pos.to_string();
+    full.strip_prefix(&format!("{}: ", pos.origin))
+        .unwrap_or(&full)
+        .to_string()
 }
 
 /// What a reader reports, in order.
@@ -96,16 +190,16 @@ pub fn pump<R: BufRead>(
                         report.events += 1;
                         report.messages += messages;
                     }
-                    Err(reason) => report
-                        .errors
-                        .push(InputError::new(framer.position(f.start, f.index), reason)),
+                    Err(reason) => {
+                        report.error(InputError::new(framer.position(f.start, f.index), reason))
+                    }
                 }
                 framer.recycle(f.bytes);
             }
-            Next::Skipped(e) => report.errors.push(e),
+            Next::Skipped(e) => report.error(e),
             Next::End { partial } => return partial,
             Next::Failed(e) => {
-                report.errors.push(e);
+                report.error(e);
                 report.incomplete = true;
                 return None;
             }
@@ -137,7 +231,7 @@ fn run<R: BufRead>(
         if let Ok(meta) = std::fs::metadata(origin) {
             if meta.len() < framer.offset() {
                 report.incomplete = true;
-                report.errors.push(InputError::new(
+                report.error(InputError::new(
                     framer.position(framer.offset(), 0),
                     Reason::Io(format!(
                         "the file shrank to {} bytes while followed",
@@ -172,17 +266,14 @@ fn run<R: BufRead>(
             }
             Some(Err(reason)) => {
                 report.incomplete = true;
-                report.errors.push(InputError::new(
+                report.error(InputError::new(
                     pos,
                     Reason::Truncated(format!("last line is incomplete ({reason})")),
                 ));
             }
             None => {
                 report.incomplete = true;
-                let what = framer.describe_partial();
-                report
-                    .errors
-                    .push(InputError::new(pos, Reason::Truncated(what)));
+                report.error(InputError::new(pos, framer.partial_reason()));
             }
         }
     }
@@ -329,10 +420,65 @@ fn drive<R: BufRead>(
     report.unknown = stats.unknown;
     report.builds = stats.builds;
     if report.events == 0 && report.errors.is_empty() {
-        report
-            .errors
-            .push(InputError::whole(&origin, Reason::Empty));
+        report.error(InputError::whole(&origin, Reason::Empty));
         report.incomplete = true;
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(event: u64, reason: &str) -> InputError {
+        InputError::new(
+            Position {
+                origin: "x.bin".into(),
+                line: None,
+                offset: event * 10,
+                event: Some(event),
+            },
+            Reason::Protobuf(reason.into()),
+        )
+    }
+
+    #[test]
+    fn repeated_errors_are_folded_and_the_rest_counted() {
+        let mut r = StreamReport {
+            origin: "x.bin".into(),
+            ..Default::default()
+        };
+        r.error(err(1, "a"));
+        for e in 2..=100_001 {
+            r.error(err(e, "empty"));
+        }
+        r.error(err(100_002, "b"));
+        assert_eq!(r.errors.len(), 3);
+        assert_eq!(r.error_count(), 100_002);
+        assert_eq!(
+            r.error_lines(),
+            [
+                "x.bin: event #1 (byte 10): invalid protobuf: a",
+                "x.bin: event #2 (byte 20): invalid protobuf: empty [100000 bad events like \
+                 this one in a row, the last at event #100001 (byte 1000010)]",
+                "x.bin: event #100002 (byte 1000020): invalid protobuf: b",
+            ]
+        );
+        assert!(!r.clean());
+
+        // Different errors: the first MAX_KEPT_ERRORS are kept, the others counted.
+        let mut r = StreamReport {
+            origin: "x.bin".into(),
+            ..Default::default()
+        };
+        for e in 0..250 {
+            r.error(err(e, &e.to_string()));
+        }
+        assert_eq!(r.errors.len(), MAX_KEPT_ERRORS);
+        assert_eq!(r.errors_not_kept, 150);
+        assert_eq!(r.error_count(), 250);
+        let lines = r.error_lines();
+        assert_eq!(lines.len(), MAX_KEPT_ERRORS + 1);
+        assert_eq!(lines[100], "x.bin: 150 more errors not shown (250 in all)");
+    }
 }

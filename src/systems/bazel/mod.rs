@@ -123,6 +123,13 @@ struct BazelStream {
 
 impl StreamTranslator for BazelStream {
     fn frame(&mut self, bytes: &[u8], out: &mut Emit<'_>) -> Result<(), Reason> {
+        // A zero-length message decodes to an empty BuildEvent (no id, no payload):
+        // Bazel never writes one, so it is a bad event, not an event to skip quietly.
+        if self.binary && bytes.is_empty() {
+            return Err(Reason::Protobuf(
+                "empty frame (length 0): no BuildEvent in it".into(),
+            ));
+        }
         let ev = codec::decode(bytes, self.binary, &self.needs)?;
         self.tr.event(ev, out);
         Ok(())
@@ -141,5 +148,35 @@ impl StreamTranslator for BazelStream {
             builds: self.tr.stats().builds,
             unknown: self.tr.stats().unknown,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_binary_frame_is_a_bad_event() {
+        let ctx = Arc::new(Context::builtin());
+        let mut tr = BAZEL.open(BEP_BINARY, &ctx, SourceMeta::default());
+        let mut messages = 0;
+        let e = tr.frame(b"", &mut |_| messages += 1).unwrap_err();
+        assert_eq!(
+            e,
+            Reason::Protobuf("empty frame (length 0): no BuildEvent in it".into())
+        );
+        assert_eq!(
+            e.to_string(),
+            "invalid protobuf: empty frame (length 0): no BuildEvent in it"
+        );
+        assert_eq!(messages, 0);
+        // A real first frame still translates after it.
+        let data = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bazel/build_ok.bin"),
+        )
+        .unwrap();
+        let (len, n) = crate::decode::framing::varint(&data).unwrap();
+        tr.frame(&data[n..n + len as usize], &mut |_| messages += 1)
+            .unwrap();
     }
 }

@@ -35,12 +35,25 @@ struct Line {
 }
 
 /// The values of an `allvariables` object (`{VAR: {"v": value, ...}}`); variables
-/// without a value are left out, non-string values are kept as JSON text.
-pub fn variables_from_json(all: &serde_json::Value) -> BTreeMap<String, String> {
-    let Some(map) = all.as_object() else {
-        return BTreeMap::new();
+/// without a value are left out, non-string values are kept as JSON text. Anything but
+/// a mapping is an error (a bad event, not a build without variables).
+pub fn variables_from_json(all: &serde_json::Value) -> Result<BTreeMap<String, String>, Reason> {
+    use serde_json::Value as J;
+    let kind = match all {
+        J::Object(_) => "",
+        J::Null => "null",
+        J::Bool(_) => "a boolean",
+        J::Number(_) => "a number",
+        J::String(_) => "a string",
+        J::Array(_) => "an array",
     };
-    map.iter()
+    let Some(map) = all.as_object() else {
+        return Err(Reason::Event(format!(
+            "allvariables is {kind}, not a mapping of variables ({{\"VAR\": {{\"v\": value}}}})"
+        )));
+    };
+    Ok(map
+        .iter()
         .filter_map(|(k, e)| {
             let v = match e.get("v")? {
                 serde_json::Value::String(s) => s.clone(),
@@ -49,7 +62,7 @@ pub fn variables_from_json(all: &serde_json::Value) -> BTreeMap<String, String> 
             };
             Some((k.clone(), v))
         })
-        .collect()
+        .collect())
 }
 
 /// Decodes the pickle of an event and checks its class.
@@ -83,7 +96,7 @@ pub fn decode_line(bytes: &[u8]) -> Result<BbEvent, Reason> {
     let text = std::str::from_utf8(bytes).map_err(|e| Reason::InvalidUtf8(e.valid_up_to()))?;
     let line: Line = serde_json::from_str(text).map_err(|e| Reason::Json(e.to_string()))?;
     if let Some(vars) = line.allvariables {
-        return Ok(BbEvent::Variables(variables_from_json(&vars)));
+        return Ok(BbEvent::Variables(variables_from_json(&vars)?));
     }
     let (Some(class), Some(vars)) = (line.class, line.vars) else {
         return Err(Reason::Event(

@@ -119,3 +119,42 @@ impl StreamTranslator for BitbakeStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allvariables_that_is_not_a_mapping_is_a_bad_event() {
+        let ctx = Arc::new(Context::builtin());
+        let mut tr = BITBAKE.open(EVENTLOG, &ctx, SourceMeta::default());
+        let mut messages = 0;
+        for (line, kind) in [
+            (r#"{"allvariables": 5}"#, "a number"),
+            (r#"{"allvariables": "x"}"#, "a string"),
+            (r#"{"allvariables": [1]}"#, "an array"),
+            (r#"{"allvariables": true}"#, "a boolean"),
+        ] {
+            let e = tr
+                .frame(line.as_bytes(), &mut |_| messages += 1)
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "invalid event: allvariables is {kind}, not a mapping of variables \
+                     ({{\"VAR\": {{\"v\": value}}}})"
+                ),
+                "{line}"
+            );
+        }
+        // A mapping (even an empty one) is fine.
+        tr.frame(br#"{"allvariables": {}}"#, &mut |_| messages += 1)
+            .unwrap();
+        tr.frame(
+            br#"{"allvariables": {"MACHINE": {"v": "qemux86-64"}}}"#,
+            &mut |_| messages += 1,
+        )
+        .unwrap();
+        assert_eq!(messages, 0);
+    }
+}
