@@ -28,7 +28,7 @@ use buildbus::decode::framing::{Framer, Next};
 use buildbus::sources::file::{translate_file, Format};
 use buildbus::systems::Context;
 
-/// The read buffer of `translate_file` (`src/evt/stream.rs`), used by the baselines too.
+/// The read buffer of `translate_file` (`src/sources/file/mod.rs`), used by the baselines too.
 const READ_BUF: usize = 256 * 1024;
 
 /// The fixture invocations repeated, in this order.
