@@ -242,7 +242,11 @@ impl Context {
         src: &dyn fields::RuleSource,
         build_id: &str,
     ) -> fields::PulseFields {
-        fields::PulseFields::resolve(self.rules(system), &self.fixed, src, build_id, system)
+        let src = Redacted {
+            src,
+            redactor: &self.redactor,
+        };
+        fields::PulseFields::resolve(self.rules(system), &self.fixed, &src, build_id, system)
     }
 
     /// The derivation rules of a build system.
@@ -250,6 +254,30 @@ impl Context {
         static NONE: std::sync::LazyLock<DeriveRules> =
             std::sync::LazyLock::new(DeriveRules::default);
         self.derive.get(system).unwrap_or(&NONE)
+    }
+}
+
+/// A build's state as derive rules see it: every value a rule takes from the stream is
+/// redacted first (by the option rules for `option:NAME`, else by the key named in the
+/// rule), so a rule can never copy a secret into a message.
+struct Redacted<'a> {
+    src: &'a dyn fields::RuleSource,
+    redactor: &'a redact::Redactor,
+}
+
+impl fields::RuleSource for Redacted<'_> {
+    fn lookup(&self, rule: &str) -> Option<String> {
+        let value = self.src.lookup(rule)?;
+        let mut parts = rule.split(':');
+        let ns = parts.next().unwrap_or_default();
+        let key = parts.next().unwrap_or_default();
+        Some(if ns == "option" {
+            let mut out = String::with_capacity(value.len());
+            self.redactor.push_option(key, &value, &mut out);
+            out
+        } else {
+            self.redactor.keyed(key, &value).into_owned()
+        })
     }
 }
 

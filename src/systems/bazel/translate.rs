@@ -452,14 +452,9 @@ impl BazelTranslator {
                 .original_cmd
                 .as_ref()
                 .or(self.build.unstructured_cmd.as_ref())?;
-            let r = &self.ctx.redactor;
             let mut line = String::with_capacity(args.iter().map(|a| a.len() + 1).sum());
-            for a in args.iter().filter(|a| !a.is_empty()) {
-                if !line.is_empty() {
-                    line.push(' ');
-                }
-                r.push_arg(a, &mut line);
-            }
+            // As a whole: `--client_env NAME=value` is two words.
+            self.ctx.redactor.push_args(args, &mut line);
             self.build.command = Some(line);
         }
         self.build.command.clone()
@@ -533,8 +528,15 @@ impl BazelTranslator {
                 None
             },
             builder: Builder {
-                host: b.status.get("BUILD_HOST").cloned().or(b.host.clone()),
-                user: b.status.get("BUILD_USER").cloned(),
+                host: b
+                    .status
+                    .get("BUILD_HOST")
+                    .or(b.host.as_ref())
+                    .map(|h| redactor.value(h).into_owned()),
+                user: b
+                    .status
+                    .get("BUILD_USER")
+                    .map(|u| redactor.value(u).into_owned()),
             },
             counts,
             tool_version: b.tool_version.clone(),
