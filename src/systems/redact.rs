@@ -113,7 +113,7 @@ impl Redactor {
     /// are kept but ignored, so a Python list of arguments reads as one): the value of
     /// a secret option goes whether it is joined (`--opt=value`) or the next word
     /// (`--opt value`), and, since free text does not say where a value ends, so do the
-    /// words after it up to the next one that starts with `-`.
+    /// words after it up to the next one that starts with `-` or closes a quote.
     pub fn value<'a>(&self, value: &'a str) -> Cow<'a, str> {
         let patterns = self.any_value.is_match(value);
         let words = self.hint.is_match(value);
@@ -169,7 +169,12 @@ impl Redactor {
                 pending = bare_option(core);
                 secret_run = self.arg_into(core, &mut out, Text);
             }
-            out.push_str(&token[lead + core.len()..]);
+            let tail = &token[lead + core.len()..];
+            out.push_str(tail);
+            // A closing quote ends a value (a Python list of arguments, a quoted one).
+            if tail.contains(['\'', '"']) {
+                secret_run = false;
+            }
         }
         out
     }
@@ -509,7 +514,11 @@ mod tests {
             ),
             (
                 "['bitbake', '--client_env', 'A=s4', 'core-image']",
-                "['bitbake', '--client_env', 'A=<redacted>', '<redacted>']",
+                "['bitbake', '--client_env', 'A=<redacted>', 'core-image']",
+            ),
+            (
+                "['--bes_header', 'Authorization=Basic s6', 'x']",
+                "['--bes_header', 'Authorization=<redacted> <redacted>', 'x']",
             ),
             ("SESSION_ID=s5", "SESSION_ID=<redacted>"),
             ("plain text, nothing here", "plain text, nothing here"),

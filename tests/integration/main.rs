@@ -19,4 +19,5 @@ mod connect_failures;
 mod dsi_store;
 mod fuzz;
 mod pipeline;
+mod redaction;
 mod schema;
