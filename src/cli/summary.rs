@@ -21,30 +21,39 @@ pub struct BuildSummary {
     pub artifacts: u64,
 }
 
-/// Collects messages into per-build summaries, in the order builds first appear.
+/// Collects messages into per-build summaries and gives each one back as soon as its
+/// build finished (a build's `finished` message is its last), so what is held is only
+/// the builds still going: memory stays flat however many builds a stream has.
 #[derive(Debug, Default)]
 pub struct Summaries {
-    order: Vec<String>,
-    builds: BTreeMap<String, BuildSummary>,
+    /// Builds not finished yet, in the order they first appeared.
+    open: Vec<BuildSummary>,
 }
 
 impl Summaries {
-    pub fn add(&mut self, env: &Envelope) {
+    /// Adds one message; when it is its build's `finished` message, the build's summary
+    /// is complete: it is returned and no longer held.
+    pub fn add(&mut self, env: &Envelope) -> Option<BuildSummary> {
         let c = env.payload.common();
-        let s = self
-            .builds
-            .entry(c.build_id.to_string())
-            .or_insert_with(|| {
-                self.order.push(c.build_id.to_string());
-                BuildSummary {
+        // Messages come build by build: the one sought is almost always the last.
+        let at = match self.open.iter().rposition(|s| *s.build_id == *c.build_id) {
+            Some(at) => at,
+            None => {
+                self.open.push(BuildSummary {
                     build_id: c.build_id.to_string(),
                     system: c.system.to_string(),
                     ..Default::default()
-                }
-            });
+                });
+                self.open.len() - 1
+            }
+        };
+        let s = &mut self.open[at];
         *s.messages.entry(env.kind().to_string()).or_default() += 1;
         match &env.payload {
-            Payload::Build(b) if b.result.is_some() => s.finished = Some(b.clone()),
+            Payload::Build(b) if b.result.is_some() => {
+                s.finished = Some(b.clone());
+                return Some(self.open.remove(at));
+            }
             Payload::Build(b) => s.started = Some(b.clone()),
             Payload::Task(t)
                 if matches!(t.outcome, TaskOutcome::Failed | TaskOutcome::NotExecuted) =>
@@ -62,10 +71,18 @@ impl Summaries {
             Payload::Artifact(_) => s.artifacts += 1,
             _ => {}
         }
+        None
     }
 
-    pub fn builds(&self) -> impl Iterator<Item = &BuildSummary> {
-        self.order.iter().filter_map(|id| self.builds.get(id))
+    /// How many builds are held (started, not finished).
+    pub fn held(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The builds that never finished (a stream cut off), in the order they first
+    /// appeared; none is held afterwards.
+    pub fn drain(&mut self) -> impl Iterator<Item = BuildSummary> + '_ {
+        self.open.drain(..)
     }
 }
 
@@ -150,5 +167,81 @@ impl BuildSummary {
             let _ = writeln!(o, "  test {status}: {test}");
         }
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::file::translate_file;
+    use crate::systems::Context;
+    use std::sync::Arc;
+
+    fn messages(rel: &str) -> Vec<Envelope> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(rel);
+        let mut out = Vec::new();
+        let report = translate_file(&path, None, &Arc::new(Context::builtin()), &mut |e| {
+            out.push(e)
+        });
+        assert!(report.clean(), "{rel}");
+        out
+    }
+
+    /// A build's summary comes out with its finished message, and nothing of it is held
+    /// afterwards: however many builds go through, at most the open ones are held.
+    #[test]
+    fn a_finished_build_is_given_back_and_dropped() {
+        let mut s = Summaries::default();
+        let mut done = Vec::new();
+        let mut most = 0;
+        for _round in 0..10 {
+            for rel in [
+                "bazel/test_mixed.json",
+                "bazel/interrupted.json",
+                "bitbake/rebuild.eventlog",
+            ] {
+                let msgs = messages(rel);
+                let last = msgs.len() - 1;
+                for (i, m) in msgs.iter().enumerate() {
+                    let out = s.add(m);
+                    most = most.max(s.held());
+                    // Only the last message of a stream (its build's finished) completes it.
+                    assert_eq!(out.is_some(), i == last, "{rel} message {i}");
+                    done.extend(out);
+                }
+                assert_eq!(s.held(), 0, "{rel}");
+            }
+        }
+        assert_eq!(most, 1);
+        assert_eq!(done.len(), 30);
+        let text = done[0].render();
+        assert!(text.contains("result:   failure (exit 3)"), "{text}");
+        assert!(text.contains("test flaky: //tests:flaky_test"), "{text}");
+        assert!(done[1].render().contains("result:   interrupted (exit 8)"));
+    }
+
+    /// Interleaved builds are told apart; one cut off before finishing is given by
+    /// `drain`.
+    #[test]
+    fn open_builds_are_held_until_finished_or_drained() {
+        let a = messages("bazel/build_ok.json");
+        let b = messages("bazel/build_fail.json");
+        let mut s = Summaries::default();
+        for m in &a[..a.len() - 1] {
+            assert!(s.add(m).is_none());
+        }
+        for m in &b[..b.len() - 1] {
+            assert!(s.add(m).is_none());
+        }
+        assert_eq!(s.held(), 2);
+        let done = s.add(&a[a.len() - 1]).expect("a finished");
+        assert_eq!(done.build_id, a[0].payload.common().build_id.to_string());
+        assert_eq!(s.held(), 1);
+        let rest: Vec<BuildSummary> = s.drain().collect();
+        assert_eq!(rest.len(), 1);
+        assert!(rest[0].render().contains("(no finished event"));
+        assert_eq!(s.held(), 0);
     }
 }

@@ -64,7 +64,16 @@ pub fn run(cli: &Cli, a: &TranslateArgs) -> anyhow::Result<ExitCode> {
     for path in &a.files {
         let report = translate_file(path, a.format.0, &ctx, &mut |env| {
             if a.summary {
-                summaries.add(&env);
+                // Each build's summary as soon as it finished (and out at once: a
+                // reader of a long stream sees builds as they end).
+                if let Some(s) = summaries.add(&env) {
+                    if write_err.is_none() {
+                        let r = writeln!(w, "{}", s.render()).and_then(|()| w.flush());
+                        if let Err(e) = r {
+                            write_err = Some(e);
+                        }
+                    }
+                }
             } else if write_err.is_none() {
                 json.clear();
                 env.write_json(&mut json);
@@ -92,17 +101,21 @@ pub fn run(cli: &Cli, a: &TranslateArgs) -> anyhow::Result<ExitCode> {
             "translated"
         );
         failed |= !report.clean();
+        // The file is done: builds it left unfinished end here.
+        for s in summaries.drain() {
+            if write_err.is_none() {
+                if let Err(e) = writeln!(w, "{}", s.render()) {
+                    write_err = Some(e);
+                }
+            }
+        }
+        debug_assert_eq!(summaries.held(), 0);
     }
     if let Some(e) = write_err {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             return Ok(ExitCode::SUCCESS);
         }
         return Err(e).context("writing to stdout");
-    }
-    if a.summary {
-        for s in summaries.builds() {
-            writeln!(w, "{}", s.render())?;
-        }
     }
     w.flush().context("writing to stdout")?;
     Ok(if failed {

@@ -33,6 +33,71 @@ fn summary_is_readable() {
     assert!(s.contains("not_executed: //slow:sleepy_too"), "{s}");
 }
 
+/// `--summary` prints each build's summary when that build finishes: fed through a FIFO
+/// one build at a time, the first build's summary is out before the second is written.
+#[test]
+fn summary_streams_each_build_as_it_finishes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let dir = tempdir();
+    let fifo = dir.path().join("events.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_buildbus"))
+        .args(["translate", "--summary", "--format", "bep-json"])
+        .arg(&fifo)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run buildbus");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Opening the write end waits for buildbus to open the read end.
+    let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    w.write_all(&std::fs::read(fixture("bazel/build_ok.json")).unwrap())
+        .unwrap();
+    w.flush().unwrap();
+    // The first build's summary, through to its last line, with the FIFO still open
+    // and the second build not written yet.
+    let mut first = Vec::new();
+    while !first.iter().any(|l: &String| l.starts_with("  artifacts:")) {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => first.push(line),
+            Err(e) => panic!("no summary while the build's stream is open ({e}): {first:?}"),
+        }
+    }
+    let first = first.join("\n");
+    assert!(
+        first.starts_with("bazel build 2aa7865a-f166-4812-8d1f-771bf95e49c4"),
+        "{first}"
+    );
+    assert!(first.contains("result:   success (exit 0)"), "{first}");
+    assert!(!first.contains("exit 3"), "{first}");
+    // Now the second build; its summary follows once it is written.
+    w.write_all(&std::fs::read(fixture("bazel/test_mixed.json")).unwrap())
+        .unwrap();
+    drop(w);
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    let rest = rest.join("\n");
+    assert!(status.success());
+    assert!(rest.contains("result:   failure (exit 3)"), "{rest}");
+    assert!(!rest.contains("2aa7865a"), "the first build once: {rest}");
+}
+
 #[test]
 fn env_and_flags_override_fields() {
     let f = fixture("bazel/build_ok.json");
