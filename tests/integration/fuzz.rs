@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use buildbus::sources::file::{translate_reader, Format};
-use buildbus::systems::Context;
 use corpus::*;
 use gen::Dialect;
 use proptest::prelude::*;
@@ -37,7 +36,8 @@ fn run(
     format: Option<Format>,
     name: &str,
 ) -> (usize, buildbus::sources::file::StreamReport) {
-    let ctx = Arc::new(Context::builtin());
+    // One context for every run (building one compiles the configuration's patterns).
+    let ctx = ctx();
     let mut n = 0;
     let r = translate_reader(
         Cursor::new(bytes.to_vec()),

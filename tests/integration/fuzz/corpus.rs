@@ -27,7 +27,7 @@ use prost::Message as _;
 /// error without a position, ...). Panics and overruns are caught by the caller.
 pub type Check = fn(&[u8]) -> Result<(), String>;
 
-fn ctx() -> Arc<Context> {
+pub fn ctx() -> Arc<Context> {
     static CTX: OnceLock<Arc<Context>> = OnceLock::new();
     Arc::clone(CTX.get_or_init(|| Arc::new(Context::builtin())))
 }
