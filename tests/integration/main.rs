@@ -21,3 +21,4 @@ mod fuzz;
 mod pipeline;
 mod redaction;
 mod schema;
+mod scripts;

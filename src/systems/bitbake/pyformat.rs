@@ -8,43 +8,118 @@
 
 use crate::decode::pickle::Value;
 
-/// `str(v)` for the values log arguments hold.
+/// The most text one rendering gives: `str()` of a container, and a whole formatted
+/// message, are cut there (ending in `…`). A pickle shares what it repeats, so a few
+/// hundred bytes can hold a list whose text would be gigabytes; rendering stops at the
+/// budget instead of walking all of it.
+pub const MAX_RENDERED: usize = 1 << 20;
+
+/// `str(v)` for the values log arguments hold (at most [`MAX_RENDERED`] bytes of
+/// containers).
 pub fn py_str(v: &Value) -> String {
-    match v {
-        Value::None => "None".into(),
-        Value::Bool(b) => if *b { "True" } else { "False" }.into(),
-        Value::Int(i) => i.to_string(),
-        Value::BigInt(s) => s.to_string(),
-        Value::Float(f) => py_float(*f),
-        Value::Str(s) => s.to_string(),
-        Value::List(items) => format!(
-            "[{}]",
-            items.iter().map(py_repr).collect::<Vec<_>>().join(", ")
-        ),
-        Value::Tuple(items) if items.len() == 1 => format!("({},)", py_repr(&items[0])),
-        Value::Tuple(items) => format!(
-            "({})",
-            items.iter().map(py_repr).collect::<Vec<_>>().join(", ")
-        ),
-        Value::Dict(entries) => format!(
-            "{{{}}}",
-            entries
-                .iter()
-                .map(|(k, v)| format!("{}: {}", py_repr(k), py_repr(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        Value::Object(o) => format!("<{} object>", o.class),
-        Value::Global(g) => format!("<class '{g}'>"),
-        other => format!("{other:?}"),
-    }
+    let mut out = String::new();
+    write_str(v, &mut out);
+    cut(&mut out);
+    out
 }
 
 /// `repr(v)`.
 pub fn py_repr(v: &Value) -> String {
+    let mut out = String::new();
+    write_repr(v, &mut out);
+    cut(&mut out);
+    out
+}
+
+/// Cuts `out` to [`MAX_RENDERED`] bytes (on a character boundary), marking the cut.
+fn cut(out: &mut String) {
+    if out.len() > MAX_RENDERED {
+        let mut end = MAX_RENDERED;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+}
+
+fn write_repr(v: &Value, out: &mut String) {
     match v {
-        Value::Str(s) => crate::decode::pickle::py_str_repr(s),
-        other => py_str(other),
+        Value::Str(s) => out.push_str(&crate::decode::pickle::py_str_repr(s)),
+        other => write_str(other, out),
+    }
+}
+
+/// Writes the items of a container, each by `item`, separated by `, `; stops once
+/// `out` is over the budget.
+fn write_items<T>(items: &[T], out: &mut String, item: impl Fn(&T, &mut String)) {
+    for (n, it) in items.iter().enumerate() {
+        if out.len() > MAX_RENDERED {
+            return;
+        }
+        if n > 0 {
+            out.push_str(", ");
+        }
+        item(it, out);
+    }
+}
+
+fn write_str(v: &Value, out: &mut String) {
+    if out.len() > MAX_RENDERED {
+        return;
+    }
+    match v {
+        Value::None => out.push_str("None"),
+        Value::Bool(b) => out.push_str(if *b { "True" } else { "False" }),
+        Value::Int(i) => out.push_str(&i.to_string()),
+        Value::BigInt(s) => out.push_str(s),
+        Value::Float(f) => out.push_str(&py_float(*f)),
+        Value::Str(s) => out.push_str(s),
+        Value::List(items) => {
+            out.push('[');
+            write_items(items, out, write_repr);
+            out.push(']');
+        }
+        Value::Tuple(items) if items.len() == 1 => {
+            out.push('(');
+            write_repr(&items[0], out);
+            out.push_str(",)");
+        }
+        Value::Tuple(items) => {
+            out.push('(');
+            write_items(items, out, write_repr);
+            out.push(')');
+        }
+        Value::Dict(entries) => {
+            out.push('{');
+            write_items(entries, out, |(k, v), out| {
+                write_repr(k, out);
+                out.push_str(": ");
+                write_repr(v, out);
+            });
+            out.push('}');
+        }
+        Value::Set(items) | Value::FrozenSet(items) => {
+            let frozen = matches!(v, Value::FrozenSet(_));
+            if items.is_empty() {
+                out.push_str(if frozen { "frozenset()" } else { "set()" });
+                return;
+            }
+            out.push_str(if frozen { "frozenset({" } else { "{" });
+            write_items(items, out, write_repr);
+            out.push_str(if frozen { "})" } else { "}" });
+        }
+        Value::Object(o) => {
+            out.push('<');
+            out.push_str(&o.class);
+            out.push_str(" object>");
+        }
+        Value::Global(g) => {
+            out.push_str("<class '");
+            out.push_str(g);
+            out.push_str("'>");
+        }
+        other => out.push_str(&format!("{other:?}")),
     }
 }
 
@@ -76,6 +151,16 @@ fn as_float(v: &Value) -> Option<f64> {
         Value::Bool(b) => Some(f64::from(u8::from(*b))),
         _ => None,
     }
+}
+
+/// The widest field and the longest precision honoured, whether written in the format
+/// (`%99999d`) or taken from the arguments (`%*d`, `%.*f`): a log record's arguments
+/// are input, and a width of 10**10 would otherwise ask for 10 GB.
+const MAX_FIELD: usize = 4096;
+
+/// A `*` width or precision from the arguments, bounded by [`MAX_FIELD`].
+fn star(v: &Value) -> usize {
+    v.as_i64().unwrap_or(0).clamp(0, MAX_FIELD as i64) as usize
 }
 
 struct Spec {
@@ -251,7 +336,7 @@ pub fn format(msg: &str, args: &Value) -> Result<String, String> {
             i += 1;
         }
         if chars.get(i) == Some(&'*') {
-            spec.width = take("*")?.as_i64().unwrap_or(0).max(0) as usize;
+            spec.width = star(take("*")?);
             i += 1;
         } else {
             while let Some(d) = chars.get(i).and_then(|c| c.to_digit(10)) {
@@ -259,7 +344,7 @@ pub fn format(msg: &str, args: &Value) -> Result<String, String> {
                     .width
                     .saturating_mul(10)
                     .saturating_add(d as usize)
-                    .min(4096);
+                    .min(MAX_FIELD);
                 i += 1;
             }
         }
@@ -267,11 +352,14 @@ pub fn format(msg: &str, args: &Value) -> Result<String, String> {
             i += 1;
             let mut p = 0usize;
             if chars.get(i) == Some(&'*') {
-                p = take(".*")?.as_i64().unwrap_or(0).max(0) as usize;
+                p = star(take(".*")?);
                 i += 1;
             } else {
                 while let Some(d) = chars.get(i).and_then(|c| c.to_digit(10)) {
-                    p = p.saturating_mul(10).saturating_add(d as usize).min(4096);
+                    p = p
+                        .saturating_mul(10)
+                        .saturating_add(d as usize)
+                        .min(MAX_FIELD);
                     i += 1;
                 }
             }
@@ -294,6 +382,12 @@ pub fn format(msg: &str, args: &Value) -> Result<String, String> {
             None => take(msg)?,
         };
         out.push_str(&convert(&spec, conv, v)?);
+        if out.len() > MAX_RENDERED {
+            // A message over the budget (a dict argument may be used by name again and
+            // again): the rest of it is not worked out.
+            cut(&mut out);
+            return Ok(out);
+        }
     }
     if key_free_leftover(next, &positional, args) {
         return Err("not all arguments converted during string formatting".into());
@@ -316,6 +410,63 @@ mod tests {
 
     fn s(x: &str) -> Value {
         Value::Str(Arc::from(x))
+    }
+
+    #[test]
+    fn shared_values_render_within_the_budget() {
+        // Pickles share what they repeat: 2**24 references to one string in a few
+        // hundred bytes. Its text is cut at the budget instead of being worked out.
+        let mut v = s("xxxxxxxx");
+        for _ in 0..24 {
+            v = Value::List(Arc::from(vec![v.clone(), v]));
+        }
+        let text = py_str(&v);
+        assert!(
+            text.len() <= MAX_RENDERED + '…'.len_utf8(),
+            "{}",
+            text.len()
+        );
+        assert!(text.starts_with("[[[[") && text.ends_with('…'));
+        // A dict argument used by name again and again: the message is cut too.
+        let args = Value::Dict(Arc::from(vec![(s("a"), v)]));
+        let msg = "%(a)s".repeat(1000);
+        let text = format(&msg, &args).unwrap();
+        assert!(
+            text.len() <= MAX_RENDERED + '…'.len_utf8(),
+            "{}",
+            text.len()
+        );
+        // Small ones as Python writes them.
+        let set = Value::Set(Arc::from(vec![Value::Int(1), s("a")]));
+        assert_eq!(py_str(&set), "{1, 'a'}");
+        assert_eq!(py_str(&Value::FrozenSet(Arc::from(vec![]))), "frozenset()");
+    }
+
+    #[test]
+    fn widths_and_precisions_from_the_arguments_are_bounded() {
+        // A LogRecord is input: `%*d` with a width of 10**10 must not ask for 10 GB.
+        let wide = format("%*d", &t(vec![Value::Int(10_000_000_000), Value::Int(7)])).unwrap();
+        assert_eq!(wide.len(), MAX_FIELD);
+        assert!(wide.ends_with(" 7"));
+        let long = format("%.*f", &t(vec![Value::Int(i64::MAX), Value::Float(1.5)])).unwrap();
+        assert_eq!(long.len(), "1.".len() + MAX_FIELD);
+        assert!(long.starts_with("1.5000"));
+        // Written in the format, the same bound (as before).
+        assert_eq!(format("%99999d", &Value::Int(1)).unwrap().len(), MAX_FIELD);
+        // Small ones are honoured exactly, as Python does.
+        assert_eq!(
+            format(
+                "%*d|%.*f",
+                &t(vec![
+                    Value::Int(4),
+                    Value::Int(7),
+                    Value::Int(2),
+                    Value::Float(0.5)
+                ])
+            )
+            .unwrap(),
+            "   7|0.50"
+        );
     }
 
     #[test]
