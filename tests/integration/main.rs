@@ -20,3 +20,4 @@ mod dsi_store;
 mod fuzz;
 mod pipeline;
 mod schema;
+mod tls;
