@@ -145,8 +145,14 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The binary under test: Cargo's, or `BUILDBUS_TEST_BIN` (a copy of it, for a target
+/// folder shared with other builds that may replace the binary meanwhile).
+fn bin() -> String {
+    std::env::var("BUILDBUS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_buildbus").into())
+}
+
 fn spawn(args: &[String], stderr: Stdio) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_buildbus"));
+    let mut cmd = Command::new(bin());
     for (k, _) in std::env::vars() {
         if k.starts_with("BUILDBUS_") || k == "RUST_LOG" {
             cmd.env_remove(k);
@@ -218,9 +224,10 @@ fn commands(url: &str, extra: &[String], dir: &Path) -> Vec<(&'static str, Vec<S
     ]
 }
 
-/// Every command ends by itself with exit status 2, naming the broker, hiding the
-/// password, and saying each of `says` (case-insensitively).
-fn assert_tls_refused(url: &str, extra: &[String], says: &[&str]) {
+/// Every command ends by itself, failed (exit status 2; the monitor's failures are 1),
+/// naming the broker, hiding the password, and saying each of `says`
+/// (case-insensitively). With `first_attempt`, without retrying at all.
+fn assert_tls_refused(url: &str, extra: &[String], says: &[&str], first_attempt: bool) {
     let dir = tempdir();
     let host_port = url
         .rsplit_once('@')
@@ -231,7 +238,8 @@ fn assert_tls_refused(url: &str, extra: &[String], says: &[&str]) {
         let status = status.unwrap_or_else(|| {
             panic!("{name}: still running after 60 s (retrying a TLS failure?): {stderr}")
         });
-        assert_eq!(status.code(), Some(2), "{name}: exit {status}: {stderr}");
+        let want = if name == "monitor" { 1 } else { 2 };
+        assert_eq!(status.code(), Some(want), "{name}: exit {status}: {stderr}");
         assert!(
             stderr.contains(host_port),
             "{name}: broker not named: {stderr}"
@@ -244,8 +252,9 @@ fn assert_tls_refused(url: &str, extra: &[String], says: &[&str]) {
         for w in says {
             assert!(lower.contains(w), "{name}: no {w:?} in: {stderr}");
         }
-        // Refused at the first attempt, not after retries.
-        assert!(!lower.contains("retrying"), "{name}: retried: {stderr}");
+        if first_attempt {
+            assert!(!lower.contains("retrying"), "{name}: retried: {stderr}");
+        }
     }
 }
 
@@ -261,6 +270,7 @@ fn amqps_to_a_plain_port_is_a_tls_error() {
         &url,
         &s(&["--ca-file", &p(&pki.ca)]),
         &["tls", "does not speak tls"],
+        true,
     );
 }
 
@@ -271,7 +281,7 @@ fn an_untrusted_server_certificate_is_refused() {
         let g = tls_node().lock().unwrap_or_else(|e| e.into_inner());
         tls_vhost(&g.1, "tls-untrusted").0
     };
-    assert_tls_refused(&url, &[], &["tls", "not trusted", "--ca-file"]);
+    assert_tls_refused(&url, &[], &["tls", "not trusted", "--ca-file"], true);
 }
 
 /// Spawns `args`, waits until the broker lists a connection to `vhost`, checks they
@@ -420,7 +430,10 @@ fn client_certificates_for_brokers_that_require_them() {
     assert!(node.queue_message_count(&vhost, DSI_QUEUE).unwrap_or(0) > 0);
 
     drop(g);
-    assert_tls_refused(&url, &ca, &["tls", "client certificate"]);
+    // With TLS 1.3 the broker's refusal comes after our side of the handshake; the
+    // connection reset may then arrive before its alert, and that attempt is retried:
+    // the next one reads the alert and ends the command.
+    assert_tls_refused(&url, &ca, &["tls", "client certificate"], false);
 }
 
 /// A TLS file that cannot be read or holds no certificate is a start-up error naming it.
