@@ -15,7 +15,7 @@ use lapin::tcp::AsyncTcpStream;
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
 
-use super::tls::BrokerTls;
+use super::tls::{BrokerTls, REFUSAL_WAIT};
 use super::{redact_url, refusal, BusError, Stage};
 
 /// The longest one connection attempt may take (TCP, TLS and the AMQP handshake).
@@ -75,9 +75,9 @@ pub async fn connect_once_with(
     })?;
     let vhost = uri.vhost.clone();
     // `amqps` always means TLS: the handshake is ours, not left to lapin's defaults.
-    let connector = match uri.scheme {
+    let attempt = match uri.scheme {
         AMQPScheme::AMQP => None,
-        AMQPScheme::AMQPS => Some(tls.connector().map_err(|reason| BusError::Refused {
+        AMQPScheme::AMQPS => Some(tls.attempt().map_err(|reason| BusError::Refused {
             url: redact_url(url),
             reason,
         })?),
@@ -93,10 +93,14 @@ pub async fn connect_once_with(
             let host = uri.authority.host.clone();
             let addrs = runtime.to_socket_addrs((host.clone(), uri.authority.port));
             let tcp = AsyncTcpStream::connect(&runtime, addrs).await?;
-            match &connector {
-                None => Ok(tcp),
-                Some(c) => Ok(tcp.into_rustls(c, &host).await?),
+            let Some(attempt) = &attempt else {
+                return Ok(tcp);
+            };
+            let mut stream = tcp.into_rustls(&attempt.connector, &host).await?;
+            if attempt.asked_for_certificate() {
+                await_refusal(&mut stream).await?;
             }
+            Ok(stream)
         },
         props,
     );
@@ -124,6 +128,38 @@ pub async fn connect_once_with(
             source,
         },
     })
+}
+
+/// After a TLS 1.3 handshake in which the broker asked for a client certificate, waits
+/// up to [`REFUSAL_WAIT`] for the broker to refuse ours (an alert: permanent) before
+/// anything is written; a broker that accepted it sends nothing before the AMQP header.
+async fn await_refusal<S>(stream: &mut AsyncTcpStream<S>) -> std::io::Result<()>
+where
+    S: futures_util::AsyncRead + futures_util::AsyncWrite + Send + Unpin + 'static,
+{
+    use futures_util::AsyncReadExt;
+    let tls13 = match &*stream {
+        AsyncTcpStream::Rustls(t) => {
+            t.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+        }
+        _ => false,
+    };
+    if !tls13 {
+        return Ok(());
+    }
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(REFUSAL_WAIT, stream.read(&mut byte)).await {
+        Err(_) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(0)) => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the broker closed the connection right after the TLS handshake",
+        )),
+        Ok(Ok(_)) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the broker sent data before the AMQP header",
+        )),
+    }
 }
 
 /// Connects, retrying transient faults with backoff (a warning per attempt) until it

@@ -10,12 +10,63 @@
 //! those are permanent, retrying cannot fix them.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use lapin::tcp::RustlsConnector;
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
+
+/// How long to wait, after a TLS 1.3 handshake in which the broker asked for a client
+/// certificate, for the broker to refuse it before speaking AMQP (see
+/// [`Attempt::asked_for_certificate`]).
+pub(crate) const REFUSAL_WAIT: Duration = Duration::from_millis(300);
+
+/// The TLS side of one connection attempt.
+pub(crate) struct Attempt {
+    pub connector: RustlsConnector,
+    asked: Arc<AtomicBool>,
+}
+
+impl Attempt {
+    /// Whether the broker asked for a client certificate during the handshake. With
+    /// TLS 1.3 it judges ours (or its absence) only after our side of the handshake is
+    /// done: if we then wrote AMQP at once, its refusal could reach us as a bare
+    /// connection reset (a transient fault) instead of its alert (a permanent one). So
+    /// then the connection first waits up to [`REFUSAL_WAIT`] for that alert.
+    pub fn asked_for_certificate(&self) -> bool {
+        self.asked.load(Ordering::Relaxed)
+    }
+}
+
+/// A client certificate resolver that notes whether the server asked for one.
+#[derive(Debug)]
+struct NoteRequest {
+    inner: Arc<dyn ResolvesClientCert>,
+    asked: Arc<AtomicBool>,
+}
+
+impl ResolvesClientCert for NoteRequest {
+    fn resolve(
+        &self,
+        root_hint_subjects: &[&[u8]],
+        sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.asked.store(true, Ordering::Relaxed);
+        self.inner.resolve(root_hint_subjects, sigschemes)
+    }
+
+    fn only_raw_public_keys(&self) -> bool {
+        self.inner.only_raw_public_keys()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.inner.has_certs()
+    }
+}
 
 /// Where the TLS material comes from, as given (flags over the `[bus]` table).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -111,9 +162,20 @@ impl BrokerTls {
         &self.inner.options
     }
 
-    /// The connector of `amqps` connections (built once).
-    pub fn connector(&self) -> Result<RustlsConnector, String> {
-        self.client_config().map(RustlsConnector::from)
+    /// The TLS side of one `amqps` connection attempt (the configuration is built
+    /// once).
+    pub(crate) fn attempt(&self) -> Result<Attempt, String> {
+        let shared = self.client_config()?;
+        let asked = Arc::new(AtomicBool::new(false));
+        let mut config = (*shared).clone();
+        config.client_auth_cert_resolver = Arc::new(NoteRequest {
+            inner: shared.client_auth_cert_resolver.clone(),
+            asked: asked.clone(),
+        });
+        Ok(Attempt {
+            connector: RustlsConnector::from(config),
+            asked,
+        })
     }
 
     fn client_config(&self) -> Result<Arc<ClientConfig>, String> {
