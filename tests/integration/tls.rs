@@ -177,19 +177,22 @@ fn run_bounded(args: &[String], limit: u64) -> (Option<ExitStatus>, String) {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let mut status = None;
+    let mut finished = false;
     while start.elapsed() < Duration::from_secs(limit) {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            status = Some(s);
+        if child.try_wait().expect("try_wait").is_some() {
+            finished = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    if status.is_none() {
+    if !finished {
         let _ = child.kill();
-        let _ = child.wait();
     }
-    (status, reader.join().unwrap_or_default())
+    let waited = child.wait().expect("wait");
+    (
+        finished.then_some(waited),
+        reader.join().unwrap_or_default(),
+    )
 }
 
 fn s(v: &[&str]) -> Vec<String> {
