@@ -6,7 +6,7 @@
 //! limits on input. Unknown keys are an error, so a typo never silently does nothing.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -166,6 +166,16 @@ pub struct BusConfig {
     pub url: String,
     #[serde(default = "default_prefix")]
     pub exchange_prefix: String,
+    /// PEM file of CA certificates trusted, besides the system's, for `amqps` URLs.
+    /// Relative paths are relative to the configuration file's folder.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate, for brokers that require one.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 fn default_url() -> String {
@@ -181,6 +191,9 @@ impl Default for BusConfig {
         BusConfig {
             url: default_url(),
             exchange_prefix: default_prefix(),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
         }
     }
 }
@@ -272,7 +285,22 @@ impl Config {
                     path: p.display().to_string(),
                     source,
                 })?;
-                Config::parse(&text, &p.display().to_string())
+                let mut cfg = Config::parse(&text, &p.display().to_string())?;
+                // The TLS files are relative to the configuration file's folder.
+                let dir = p.parent().unwrap_or(Path::new(""));
+                for f in [
+                    &mut cfg.bus.ca_file,
+                    &mut cfg.bus.client_cert,
+                    &mut cfg.bus.client_key,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    if f.is_relative() {
+                        *f = dir.join(&*f);
+                    }
+                }
+                Ok(cfg)
             }
         }
     }

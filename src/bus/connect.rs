@@ -4,12 +4,18 @@
 //! are retried, with a warning per attempt; a refusal that retrying cannot fix (wrong
 //! user name or password, a missing vhost, a bad URL: see [`BusError::is_permanent`])
 //! ends [`connect`] at once. An optional deadline bounds the retrying too.
+//!
+//! Every attempt opens its own TCP connection and, for an `amqps` URL, always runs the
+//! TLS handshake with [`BrokerTls`]'s configuration (server certificate verified): a TLS
+//! failure (an untrusted certificate, a port that does not speak TLS) is permanent.
 
 use std::time::Duration;
 
-use lapin::uri::AMQPUri;
+use lapin::tcp::AsyncTcpStream;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
 
+use super::tls::{BrokerTls, REFUSAL_WAIT};
 use super::{redact_url, refusal, BusError, Stage};
 
 /// The longest one connection attempt may take (TCP, TLS and the AMQP handshake).
@@ -50,8 +56,8 @@ impl Backoff {
 }
 
 /// One connection attempt (at most [`ATTEMPT_LIMIT`]).
-pub async fn connect_once(url: &str) -> Result<Connection, BusError> {
-    connect_once_with(url, ConnectionProperties::default(), ATTEMPT_LIMIT).await
+pub async fn connect_once(url: &str, tls: &BrokerTls) -> Result<Connection, BusError> {
+    connect_once_with(url, tls, ConnectionProperties::default(), ATTEMPT_LIMIT).await
 }
 
 /// One connection attempt with these properties, given up after `limit`. A permanent
@@ -59,6 +65,7 @@ pub async fn connect_once(url: &str) -> Result<Connection, BusError> {
 /// [`BusError::Connect`].
 pub async fn connect_once_with(
     url: &str,
+    tls: &BrokerTls,
     props: ConnectionProperties,
     limit: Duration,
 ) -> Result<Connection, BusError> {
@@ -67,7 +74,37 @@ pub async fn connect_once_with(
         reason: format!("invalid broker URL: {}", scrub(&e, url)),
     })?;
     let vhost = uri.vhost.clone();
-    let source = match tokio::time::timeout(limit, Connection::connect_uri(uri, props)).await {
+    // `amqps` always means TLS: the handshake is ours, not left to lapin's defaults.
+    let attempt = match uri.scheme {
+        AMQPScheme::AMQP => None,
+        AMQPScheme::AMQPS => Some(tls.attempt().map_err(|reason| BusError::Refused {
+            url: redact_url(url),
+            reason,
+        })?),
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|source| BusError::Connect {
+        url: redact_url(url),
+        source,
+    })?;
+    let open = Connection::connector(
+        uri,
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            let host = uri.authority.host.clone();
+            let addrs = runtime.to_socket_addrs((host.clone(), uri.authority.port));
+            let tcp = AsyncTcpStream::connect(&runtime, addrs).await?;
+            let Some(attempt) = &attempt else {
+                return Ok(tcp);
+            };
+            let mut stream = tcp.into_rustls(&attempt.connector, &host).await?;
+            if attempt.asked_for_certificate() {
+                await_refusal(&mut stream).await?;
+            }
+            Ok(stream)
+        },
+        props,
+    );
+    let source = match tokio::time::timeout(limit, open).await {
         Ok(Ok(c)) => return Ok(c),
         Ok(Err(e)) => e,
         Err(_) => lapin::Error::from(std::io::Error::new(
@@ -93,15 +130,52 @@ pub async fn connect_once_with(
     })
 }
 
+/// After a TLS 1.3 handshake in which the broker asked for a client certificate, waits
+/// up to [`REFUSAL_WAIT`] for the broker to refuse ours (an alert: permanent) before
+/// anything is written; a broker that accepted it sends nothing before the AMQP header.
+async fn await_refusal<S>(stream: &mut AsyncTcpStream<S>) -> std::io::Result<()>
+where
+    S: futures_util::AsyncRead + futures_util::AsyncWrite + Send + Unpin + 'static,
+{
+    use futures_util::AsyncReadExt;
+    let tls13 = match &*stream {
+        AsyncTcpStream::Rustls(t) => {
+            t.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+        }
+        _ => false,
+    };
+    if !tls13 {
+        return Ok(());
+    }
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(REFUSAL_WAIT, stream.read(&mut byte)).await {
+        Err(_) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(0)) => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the broker closed the connection right after the TLS handshake",
+        )),
+        Ok(Ok(_)) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the broker sent data before the AMQP header",
+        )),
+    }
+}
+
 /// Connects, retrying transient faults with backoff (a warning per attempt) until it
 /// works, a permanent refusal comes, or `deadline` (if any) passes.
-pub async fn connect(url: &str, deadline: Option<Duration>) -> Result<Connection, BusError> {
-    connect_with(url, ConnectionProperties::default(), deadline).await
+pub async fn connect(
+    url: &str,
+    tls: &BrokerTls,
+    deadline: Option<Duration>,
+) -> Result<Connection, BusError> {
+    connect_with(url, tls, ConnectionProperties::default(), deadline).await
 }
 
 /// [`connect`] with these connection properties.
 pub async fn connect_with(
     url: &str,
+    tls: &BrokerTls,
     props: ConnectionProperties,
     deadline: Option<Duration>,
 ) -> Result<Connection, BusError> {
@@ -116,7 +190,7 @@ pub async fn connect_with(
                 .clamp(Duration::from_millis(100), ATTEMPT_LIMIT),
             None => ATTEMPT_LIMIT,
         };
-        let e = match connect_once_with(url, props.clone(), limit).await {
+        let e = match connect_once_with(url, tls, props.clone(), limit).await {
             Ok(c) => return Ok(c),
             Err(e) if e.is_permanent() => return Err(e),
             Err(e) => e,

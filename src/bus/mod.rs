@@ -4,6 +4,7 @@
 //! - [`message`]: how an [`Envelope`](crate::model::Envelope) becomes an AMQP message
 //!   (properties, filter headers, CloudEvents headers) and back;
 //! - [`connect`]: connecting with backoff;
+//! - [`tls`]: TLS for `amqps` URLs (trusted CAs, client certificate, TLS refusals);
 //! - [`publish`]: the confirmed publisher: bounded in-flight window, a message counts as
 //!   published only when the broker acked it, and unconfirmed messages are resent after a
 //!   reconnect;
@@ -13,7 +14,10 @@
 pub mod connect;
 pub mod message;
 pub mod publish;
+pub mod tls;
 pub mod topology;
+
+pub use tls::{BrokerTls, TlsError, TlsOptions};
 
 /// Errors talking to the broker.
 ///
@@ -114,6 +118,9 @@ pub(crate) fn refusal(e: &lapin::Error, stage: Stage) -> Option<String> {
         }
         K::AuthProviderError(s) => Some(format!("authentication failed: {s}")),
         K::InvalidProtocolVersion(v) => Some(format!("the broker only speaks AMQP {v}")),
+        // A TLS failure (untrusted certificate, a port that does not speak TLS, the broker
+        // refusing our certificate); plain I/O faults stay transient.
+        K::IOError(io) => tls::tls_refusal(io),
         _ => None,
     }
 }

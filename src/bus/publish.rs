@@ -25,6 +25,7 @@ use lapin::{Confirmation, PublisherConfirm};
 
 use super::connect::{connect, Backoff};
 use super::message::Outgoing;
+use super::tls::BrokerTls;
 use super::topology::Topology;
 use super::{redact_url, refusal, BusError, Stage};
 
@@ -32,6 +33,8 @@ use super::{redact_url, refusal, BusError, Stage};
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
     pub url: String,
+    /// TLS of an `amqps` URL (trusted CAs, client certificate).
+    pub tls: BrokerTls,
     pub topology: Topology,
     /// Unconfirmed messages allowed at once.
     pub window: usize,
@@ -47,6 +50,7 @@ impl PublisherConfig {
     pub fn new(url: &str, prefix: &str) -> PublisherConfig {
         PublisherConfig {
             url: url.to_string(),
+            tls: BrokerTls::default(),
             topology: Topology::new(prefix),
             window: 512,
             connect_deadline: None,
@@ -117,7 +121,7 @@ impl<T: Clone> Publisher<T> {
     }
 
     async fn open_inner(&mut self) -> Result<(), BusError> {
-        let conn = connect(&self.cfg.url, self.cfg.connect_deadline).await?;
+        let conn = connect(&self.cfg.url, &self.cfg.tls, self.cfg.connect_deadline).await?;
         let ch = conn
             .create_channel()
             .await

@@ -164,9 +164,11 @@ pub fn run(cli: &Cli, a: &AamArgs) -> anyhow::Result<ExitCode> {
     let mut w = BufWriter::new(out.lock());
     if a.publish {
         let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
+        let tls = cli.broker_tls(&cfg)?;
         let confirmed = super::runtime()?.block_on(async {
             let mut pcfg = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
             pcfg.connect_deadline = cli.connect_timeout();
+            pcfg.tls = tls.clone();
             let mut p = Publisher::<u64>::connect(pcfg).await?;
             for (seq, env) in envs.iter().enumerate() {
                 p.publish(Outgoing::from_envelope(env), seq as u64).await?;

@@ -152,11 +152,13 @@ pub fn run(cli: &Cli, a: &BesArgs) -> anyhow::Result<ExitCode> {
     let auth = auth_of(a)?;
     check_exposure(a, &auth)?;
     let (cfg, ctx) = super::context(cli.config.as_deref(), &a.fields)?;
+    let tls = cli.broker_tls(&cfg)?;
     let publisher = (!a.print).then(|| {
         let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
         let mut p = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
         p.window = a.window;
         p.connect_deadline = cli.connect_timeout();
+        p.tls = tls;
         p
     });
     let mut bcfg = BesConfig::new(a.listen, publisher);
@@ -186,7 +188,7 @@ pub fn run(cli: &Cli, a: &BesArgs) -> anyhow::Result<ExitCode> {
         // backend before it listens; a broker that is only down is waited for by each
         // invocation (their events are spooled meanwhile).
         if let Some(p) = &bcfg.publisher {
-            match connect::connect_once(&p.url).await {
+            match connect::connect_once(&p.url, &p.tls).await {
                 Ok(c) => {
                     let _ = c.close(200, "bye".into()).await;
                 }

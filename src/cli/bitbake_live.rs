@@ -92,6 +92,7 @@ pub fn run(cli: &Cli, a: &BitbakeLiveArgs) -> anyhow::Result<ExitCode> {
             let mut pcfg = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
             pcfg.window = a.window;
             pcfg.connect_deadline = cli.connect_timeout();
+            pcfg.tls = cli.broker_tls(&cfg)?;
             Output::connect(Some(&pcfg)).await?
         };
         let mut pipe = Pipeline::new(a.server.clone(), out).with_artifacts(scanner.clone());

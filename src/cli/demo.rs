@@ -85,6 +85,13 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
         files.extend(found);
     }
     let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
+    let tls = cli.broker_tls(&cfg)?;
+    // Every connection of the demo: this broker, this TLS set-up.
+    let publisher_config = || {
+        let mut p = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
+        p.tls = tls.clone();
+        p
+    };
     step(t, &format!("broker at {}", crate::bus::redact_url(&url)));
     // A filtered monitor, as another team would run it: finished builds and test
     // summaries of tree bep-fixture on platform k8 (its filters are broker bindings).
@@ -92,6 +99,7 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let monitor = {
         let (b, t) = (seen.clone(), seen.clone());
         MonitorBuilder::new(&url)
+            .tls(tls.clone())
             .trees(["bep-fixture"])
             .platforms(["k8"])
             .on_build(move |_m, build| {
@@ -125,8 +133,7 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
     );
     let rt = super::runtime()?;
     let published = rt.block_on(async {
-        let mut p =
-            Publisher::<u64>::connect(PublisherConfig::new(&url, &cfg.bus.exchange_prefix)).await?;
+        let mut p = Publisher::<u64>::connect(publisher_config()).await?;
         let mut total = 0;
         for f in &files {
             let r = publish_file(&mut p, f, ctx.clone(), &FileOptions::default(), 512).await?;
@@ -149,7 +156,7 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let bes_messages = rt.block_on(async {
         let mut bcfg = BesConfig::new(
             "127.0.0.1:0".parse()?,
-            Some(PublisherConfig::new(&url, &cfg.bus.exchange_prefix)),
+            Some(publisher_config()),
         );
         bcfg.spool = Some(a.dir.join("bes-spool"));
         let backend = crate::pipeline::bes::start(bcfg, ctx.clone()).await?;
@@ -183,6 +190,7 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let stats = Arc::new(DsiStats::default());
     let dcfg = DsiConfig {
         url: url.clone(),
+        tls: tls.clone(),
         exchange_prefix: cfg.bus.exchange_prefix.clone(),
         store_url: store.clone(),
         workers: a.workers,

@@ -65,6 +65,7 @@ pub fn run(cli: &Cli, a: &DsiArgs) -> anyhow::Result<ExitCode> {
     let (cfg, _) = super::context(cli.config.as_deref(), &FieldArgs::default())?;
     let dcfg = DsiConfig {
         url: a.url.clone().unwrap_or(cfg.bus.url.clone()),
+        tls: cli.broker_tls(&cfg)?,
         exchange_prefix: cfg.bus.exchange_prefix.clone(),
         store_url: a.store.clone(),
         workers: a.workers,

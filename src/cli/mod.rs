@@ -17,6 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::bus::{BrokerTls, TlsOptions};
 use crate::config::{Config, FieldValues};
 use crate::systems::Context;
 
@@ -49,6 +50,22 @@ pub struct Cli {
         value_name = "SECS"
     )]
     pub connect_timeout: Option<u64>,
+
+    /// PEM file of CA certificates to trust, besides the system's, for an amqps:// broker
+    /// URL (a private CA). The server certificate is always verified. Default: [bus]
+    /// ca_file of the config.
+    #[arg(long, global = true, env = "BUILDBUS_CA_FILE", value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+
+    /// PEM file of the client certificate for an amqps:// broker that requires one (with
+    /// --client-key). Default: [bus] client_cert of the config.
+    #[arg(long, global = true, env = "BUILDBUS_CLIENT_CERT", value_name = "PEM")]
+    pub client_cert: Option<PathBuf>,
+
+    /// PEM file of the client certificate's private key (unencrypted). Default: [bus]
+    /// client_key of the config.
+    #[arg(long, global = true, env = "BUILDBUS_CLIENT_KEY", value_name = "PEM")]
+    pub client_key: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -128,6 +145,18 @@ impl Cli {
     /// `--connect-timeout` as a duration.
     pub(crate) fn connect_timeout(&self) -> Option<std::time::Duration> {
         self.connect_timeout.map(std::time::Duration::from_secs)
+    }
+
+    /// The TLS set-up of broker connections: the flags over the `[bus]` table of `cfg`,
+    /// the files read and checked now (a bad one is a start-up error naming it).
+    pub(crate) fn broker_tls(&self, cfg: &Config) -> anyhow::Result<BrokerTls> {
+        let pick = |flag: &Option<PathBuf>, conf: &Option<PathBuf>| flag.clone().or(conf.clone());
+        let options = TlsOptions {
+            ca_file: pick(&self.ca_file, &cfg.bus.ca_file),
+            client_cert: pick(&self.client_cert, &cfg.bus.client_cert),
+            client_key: pick(&self.client_key, &cfg.bus.client_key),
+        };
+        Ok(BrokerTls::load(&options)?)
     }
 }
 

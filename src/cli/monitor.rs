@@ -296,6 +296,7 @@ pub fn run(cli: &Cli, a: &MonitorArgs) -> anyhow::Result<ExitCode> {
     if let Some(t) = cli.connect_timeout() {
         b = b.connect_timeout(t);
     }
+    b = b.tls(cli.broker_tls(&cfg)?);
     let stopper: Arc<OnceLock<Stopper>> = Arc::new(OnceLock::new());
     let handled = Arc::new(AtomicU64::new(0));
     let (json, command, timeout, exit_after) = (

@@ -97,9 +97,10 @@ pub struct SetupArgs {
 pub fn setup(cli: &Cli, a: &SetupArgs) -> anyhow::Result<ExitCode> {
     let (cfg, _) = super::context(cli.config.as_deref(), &FieldArgs::default())?;
     let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
+    let tls = cli.broker_tls(&cfg)?;
     super::runtime()?.block_on(async {
         let deadline = cli.connect_timeout().unwrap_or(Duration::from_secs(30));
-        let conn = connect::connect(&url, Some(deadline)).await?;
+        let conn = connect::connect(&url, &tls, Some(deadline)).await?;
         let ch = conn
             .create_channel()
             .await
@@ -119,6 +120,7 @@ pub fn publish(cli: &Cli, a: &PublishArgs) -> anyhow::Result<ExitCode> {
     let (cfg, ctx) = super::context(cli.config.as_deref(), &a.fields)?;
     let ctx = Arc::new(ctx);
     let url = a.url.clone().unwrap_or(cfg.bus.url.clone());
+    let tls = cli.broker_tls(&cfg)?;
     let stop = Arc::new(AtomicBool::new(false));
     let scanner = a.artifacts.scanner(cli.quiet)?;
     let cp_dir = a
@@ -138,6 +140,7 @@ pub fn publish(cli: &Cli, a: &PublishArgs) -> anyhow::Result<ExitCode> {
         let mut pcfg = PublisherConfig::new(&url, &cfg.bus.exchange_prefix);
         pcfg.window = a.window;
         pcfg.connect_deadline = cli.connect_timeout();
+        pcfg.tls = tls;
         let mut publisher = Publisher::<u64>::connect(pcfg).await?;
         let mut failed = false;
         for path in &a.files {

@@ -22,3 +22,4 @@ mod pipeline;
 mod redaction;
 mod schema;
 mod scripts;
+mod tls;

@@ -83,6 +83,7 @@ pub fn run_dsi_until(url: &str, store: &str, workers: usize, want: u64) -> Arc<D
     let stats = Arc::new(DsiStats::default());
     let cfg = DsiConfig {
         url: url.to_string(),
+        tls: Default::default(),
         exchange_prefix: DEFAULT_EXCHANGE_PREFIX.to_string(),
         store_url: store.to_string(),
         workers,

@@ -153,6 +153,7 @@ pub(crate) async fn publish_raw(url: &str, msgs: &[Outgoing]) -> anyhow::Result<
 fn dsi_config(url: &str, store: &str, workers: usize) -> DsiConfig {
     DsiConfig {
         url: url.to_string(),
+        tls: Default::default(),
         exchange_prefix: DEFAULT_EXCHANGE_PREFIX.to_string(),
         store_url: store.to_string(),
         workers,

@@ -31,7 +31,7 @@ pub mod postgres;
 pub mod rabbitmq;
 
 pub use postgres::PgCluster;
-pub use rabbitmq::RabbitNode;
+pub use rabbitmq::{RabbitNode, TlsListener};
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;

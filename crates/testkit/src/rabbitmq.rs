@@ -32,6 +32,10 @@
 //! * The node name's host is `localhost` (short names), which resolves on
 //!   any machine; quorum queues work on this single node.
 //!
+//! * TLS (optional, [`RabbitNode::start_with_tls`]): a second listener on its own
+//!   port (`listeners.ssl.default`) with the given CA, certificate and key, written
+//!   to `conf.d/20-tls.conf`; the plain listener stays.
+//!
 //! The server runs in its own process group, so killing the group takes
 //! the start script, the Erlang VM and its helpers at once.
 
@@ -64,6 +68,17 @@ const MARKER: &str = "=== buildbus: start #";
 /// Extra Erlang VM flags for both the server and the CLI.
 const ERL_ARGS: &str = "-start_epmd false -kernel inet_dist_use_interface {127,0,0,1}";
 
+/// A TLS listener of a node: PEM files, and whether clients must present a
+/// certificate signed by `ca_file`.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// `ssl_options.fail_if_no_peer_cert`: refuse clients without a certificate.
+    pub require_client_cert: bool,
+}
+
 /// A private RabbitMQ node; see the module documentation.
 ///
 /// `Drop` kills the node (and its epmd) if still running and removes the
@@ -79,6 +94,8 @@ pub struct RabbitNode {
     amqp_port: u16,
     dist_port: u16,
     epmd_port: u16,
+    tls: Option<TlsListener>,
+    tls_port: u16,
     epmd: Option<Child>,
     server: Option<Child>,
     starts: u32,
@@ -90,6 +107,16 @@ impl RabbitNode {
     /// missing) and wait until it accepts AMQP connections and has fully
     /// booted (at most 60 s).
     pub fn start(base_dir: &Path) -> Result<RabbitNode> {
+        Self::start_inner(base_dir, None)
+    }
+
+    /// [`start`](RabbitNode::start) with a TLS listener as well
+    /// ([`amqps_url`](RabbitNode::amqps_url)).
+    pub fn start_with_tls(base_dir: &Path, tls: TlsListener) -> Result<RabbitNode> {
+        Self::start_inner(base_dir, Some(tls))
+    }
+
+    fn start_inner(base_dir: &Path, tls: Option<TlsListener>) -> Result<RabbitNode> {
         let server_bin = find_program(
             "rabbitmq-server",
             &[&format!("{SCRIPTS_DIR}/rabbitmq-server")],
@@ -113,6 +140,8 @@ impl RabbitNode {
             amqp_port: 0,
             dist_port: 0,
             epmd_port: 0,
+            tls,
+            tls_port: 0,
             epmd: None,
             server: None,
             starts: 0,
@@ -130,10 +159,12 @@ impl RabbitNode {
         // binds it: then try again with fresh ports.
         let mut attempt = 1;
         loop {
-            let ports = free_ports(3)?;
+            let ports = free_ports(4)?;
             node.amqp_port = ports[0];
             node.dist_port = ports[1];
             node.epmd_port = ports[2];
+            node.tls_port = ports[3];
+            node.write_tls_config()?;
             match node.launch() {
                 Ok(()) => return Ok(node),
                 Err(_) if attempt < 3 && node.port_clash() => {
@@ -152,6 +183,17 @@ impl RabbitNode {
     /// loopback only, which is all this node listens on).
     pub fn amqp_url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// `amqps://guest:guest@127.0.0.1:TLS_PORT/%2f`: the TLS listener (only
+    /// meaningful for a node started with [`start_with_tls`](RabbitNode::start_with_tls)).
+    pub fn amqps_url(&self) -> String {
+        format!("amqps://guest:guest@127.0.0.1:{}/%2f", self.tls_port)
+    }
+
+    /// The TLS listener's port on 127.0.0.1 (a node without one listens on none).
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port
     }
 
     /// The AMQP port on 127.0.0.1.
@@ -271,6 +313,28 @@ impl RabbitNode {
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
         self.start_again()
+    }
+
+    /// `conf.d/20-tls.conf`: the TLS listener, if any, on the current TLS port.
+    fn write_tls_config(&self) -> Result<()> {
+        let Some(t) = &self.tls else {
+            return Ok(());
+        };
+        let p = self.dir.join("conf.d").join("20-tls.conf");
+        let text = format!(
+            "listeners.ssl.default = 127.0.0.1:{}\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_peer\n\
+             ssl_options.fail_if_no_peer_cert = {}\n",
+            self.tls_port,
+            t.ca_file.display(),
+            t.cert_file.display(),
+            t.key_file.display(),
+            t.require_client_cert
+        );
+        fs::write(&p, text).map_err(|e| io_err(format!("writing {}", p.display()), e))
     }
 
     /// The environment every RabbitMQ/Erlang process of this node gets.

@@ -106,6 +106,7 @@ pub use callback::{BoxError, CallbackResult, Message};
 pub use filter::Filters;
 pub use queue::DEFAULT_MAX_LENGTH;
 
+use crate::bus::BrokerTls;
 use crate::model::{
     ArtifactPayload, BuildPayload, Envelope, Kind, LogPayload, TaskPayload, TestPayload,
     DEFAULT_EXCHANGE_PREFIX,
@@ -161,6 +162,7 @@ pub struct Stats {
 #[must_use = "a builder does nothing until start()"]
 pub struct MonitorBuilder {
     url: String,
+    tls: BrokerTls,
     label: Option<String>,
     prefix: String,
     filters: Filters,
@@ -188,6 +190,7 @@ impl MonitorBuilder {
     pub fn new(url: impl Into<String>) -> MonitorBuilder {
         MonitorBuilder {
             url: url.into(),
+            tls: BrokerTls::default(),
             label: None,
             prefix: DEFAULT_EXCHANGE_PREFIX.to_string(),
             filters: Filters::default(),
@@ -400,6 +403,13 @@ impl MonitorBuilder {
         self
     }
 
+    /// The TLS set-up of an `amqps` URL (trusted CAs, client certificate); default:
+    /// the system's CAs, no client certificate.
+    pub fn tls(mut self, tls: BrokerTls) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// The length limit of a labelled queue (default 100,000 messages); beyond it the
     /// oldest are dead-lettered. Changing it for an existing queue needs the queue
     /// deleted first (RabbitMQ refuses other arguments for an existing queue).
@@ -543,6 +553,7 @@ impl MonitorBuilder {
         let queue = self.queue_name()?;
         let plan = Plan {
             url: self.url,
+            tls: self.tls,
             prefix: self.prefix,
             name: self.label.clone().unwrap_or_else(|| "monitor".into()),
             queue,

@@ -45,12 +45,13 @@ use super::queue::{self, QueueLimits};
 use super::{ClientError, Stats};
 use crate::bus::connect::{connect_once_with, gave_up, Backoff, ATTEMPT_LIMIT};
 use crate::bus::topology::Topology;
-use crate::bus::{redact_url, refusal, BusError, Stage};
+use crate::bus::{redact_url, refusal, BrokerTls, BusError, Stage};
 
 /// Everything a running monitor needs to know, fixed at `start()`.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     pub url: String,
+    pub tls: BrokerTls,
     pub prefix: String,
     /// For logs and the consumer tag: the label, or `monitor`.
     pub name: String,
@@ -310,7 +311,7 @@ async fn session(
         "buildbus monitor {}",
         sh.plan.name
     )));
-    let conn = match connect_once_with(&sh.plan.url, props, limit).await {
+    let conn = match connect_once_with(&sh.plan.url, &sh.plan.tls, props, limit).await {
         Ok(c) => c,
         Err(e) if e.is_permanent() => return End::Fatal(format!("cannot connect: {e}")),
         Err(e) => return End::Lost(format!("cannot connect: {e}")),

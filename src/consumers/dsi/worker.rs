@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 use super::validate::Validators;
 use crate::bus::connect::{connect_once_with, gave_up, Backoff, ATTEMPT_LIMIT};
 use crate::bus::topology::{Topology, DSI_QUEUE};
+use crate::bus::BrokerTls;
 use crate::bus::BusError;
 use crate::model::Envelope;
 use crate::stores::{self as store, Store, StoreError, WriteStats};
@@ -39,6 +40,8 @@ use crate::stores::{self as store, Store, StoreError, WriteStats};
 #[derive(Debug, Clone)]
 pub struct DsiConfig {
     pub url: String,
+    /// TLS of an `amqps` URL (trusted CAs, client certificate).
+    pub tls: BrokerTls,
     pub exchange_prefix: String,
     pub store_url: String,
     pub workers: usize,
@@ -240,7 +243,13 @@ impl Worker {
 
     /// One connection's life; `connected` tells the caller it got that far.
     async fn session(&self, limit: Duration, connected: &mut bool) -> Result<(), DsiError> {
-        let conn = connect_once_with(&self.cfg.url, ConnectionProperties::default(), limit).await?;
+        let conn = connect_once_with(
+            &self.cfg.url,
+            &self.cfg.tls,
+            ConnectionProperties::default(),
+            limit,
+        )
+        .await?;
         *connected = true;
         let ch = conn
             .create_channel()
