@@ -212,6 +212,7 @@ fn commands(url: &str, extra: &[String], dir: &Path) -> Vec<(&'static str, Vec<S
             "publish",
             with(&["publish", "--url", url, "--no-checkpoint", &fixture]),
         ),
+        ("setup", with(&["setup", "--url", url])),
         ("monitor", with(&["monitor", "--url", url])),
         ("dsi", with(&["dsi", "--url", url, "--store", &store])),
         (
@@ -310,6 +311,17 @@ fn every_command_speaks_tls_with_the_ca_file() {
     let dir = tempdir();
     let ca = s(&["--ca-file", &p(&pki.ca)]);
     let queued = || node.queue_message_count(&vhost, DSI_QUEUE).unwrap_or(0);
+
+    // setup: the topology is declared through the TLS listener.
+    let mut args = s(&["setup", "--url", &url]);
+    args.extend(ca.iter().cloned());
+    let (status, stderr) = run_bounded(&args, 60);
+    assert!(status.is_some_and(|s| s.success()), "setup: {stderr}");
+    assert_eq!(
+        node.queue_message_count(&vhost, DSI_QUEUE).ok(),
+        Some(0),
+        "setup over TLS did not declare the DSI queue"
+    );
 
     // publish: the messages arrive through the TLS listener.
     let build_ok = p(&fixture(FIXTURE));
